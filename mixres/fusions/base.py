@@ -1,0 +1,87 @@
+"""The fusion contract: ``forward(tokens, grid, map) -> tokens``.
+
+A fusion injects a map's features into a token sequence. It owns the alignment of the map to
+the token grid and never sees a backbone. In-stream fusions keep the width (``out_dim ==
+low_dim``); a *final* fusion may change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._utils import check_positive_int
+from ..errors import ShapeError
+from ..grid import check_map, check_tokens
+from ..registry import Configurable
+
+__all__ = ["Fusion"]
+
+
+class Fusion(Configurable, nn.Module):
+    """Base class of every fusion.
+
+    Attributes:
+        low_dim: ``C_l``, the token width in.
+        high_dim: ``C_h``, the map width in (or the first map's, for multi-source fusions).
+        out_dim: the token width out.
+        in_stream: whether the fusion keeps the width and can sit between ViT blocks.
+    """
+
+    low_dim: int
+    high_dim: int
+    out_dim: int
+
+    def __init__(self, low_dim: int, high_dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        check_positive_int("low_dim", low_dim)
+        check_positive_int("high_dim", high_dim)
+        if out_dim is not None:
+            check_positive_int("out_dim", out_dim)
+        self.low_dim, self.high_dim = low_dim, high_dim
+        self.out_dim = low_dim if out_dim is None else out_dim
+
+    @property
+    def in_stream(self) -> bool:
+        """True when the output width equals the input width."""
+        return self.out_dim == self.low_dim
+
+    def check_inputs(
+        self, tokens: torch.Tensor, grid: Sequence[int], map: torch.Tensor
+    ) -> tuple[int, int]:
+        """Validate the fusion inputs before any math runs; return the grid ``(h, w)``.
+
+        Raises:
+            TypeError / ShapeError: wrong types, ranks, widths, batch sizes or dtypes.
+        """
+        h, w = check_tokens(tokens, grid)
+        check_map(map)
+        if tokens.shape[-1] != self.low_dim:
+            raise ShapeError(
+                f"tokens have C={tokens.shape[-1]} channels, but this {type(self).__name__} "
+                f"was built with low_dim={self.low_dim}"
+            )
+        if map.shape[1] != self.high_dim:
+            raise ShapeError(
+                f"map has C={map.shape[1]} channels, but this {type(self).__name__} "
+                f"was built with high_dim={self.high_dim}"
+            )
+        if map.shape[0] != tokens.shape[0]:
+            raise ShapeError(
+                f"tokens have batch {tokens.shape[0]} but map has batch {map.shape[0]}; "
+                "they must describe the same images"
+            )
+        if not tokens.is_floating_point() or not map.is_floating_point():
+            raise ShapeError(
+                f"tokens and map have to be floating point, but got {tokens.dtype} and {map.dtype}"
+            )
+        if tokens.dtype != map.dtype:
+            raise ShapeError(
+                f"tokens are {tokens.dtype} but map is {map.dtype}; cast both to one dtype"
+            )
+        return h, w
+
+    def extra_repr(self) -> str:
+        return f"low_dim={self.low_dim}, high_dim={self.high_dim}, out_dim={self.out_dim}"
