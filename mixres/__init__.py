@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import grid
 from .errors import ConfigError, MixresError, ShapeError, UnknownNameError, WeightsError
+from .encoders import Encoder
 from .fusions import Fusion, MRAdapter, MRFinalFusion
 from .grid import map_to_tokens, resample, resample_pos_embed, tokens_to_map
 from .pathways import MapPathway, TokenPathway
@@ -73,6 +74,7 @@ __all__ = [
     "resample",
     "resample_pos_embed",
     "Fusion",
+    "Encoder",
     "MRAdapter",
     "MRFinalFusion",
     "TokenPathway",
