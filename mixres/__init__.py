@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import grid
 from .errors import ConfigError, MixresError, ShapeError, UnknownNameError, WeightsError
 from .encoders import Encoder
+from .encoders.factory import create_encoder
 from .fusions import Fusion, MRAdapter, MRFinalFusion
 from .grid import map_to_tokens, resample, resample_pos_embed, tokens_to_map
 from .pathways import MapPathway, TokenPathway
@@ -54,6 +55,7 @@ __all__ = [
     "FUSIONS",
     "PATHWAYS",
     "PROJECTORS",
+    "create_encoder",
     "create_fusion",
     "create_pathway",
     "create_projector",

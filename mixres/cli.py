@@ -35,6 +35,47 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Build an encoder preset with random weights; print parameters per part, tokens, config."""
+    import json
+
+    import mixres
+
+    _import_all()
+    encoder = mixres.create_encoder(args.name)
+    size = tuple(args.image_size) if args.image_size else encoder.image_size
+    rows = [(part, f"{_count(getattr(encoder, part, None)):,}") for part in ("token_pathway", "map_pathway", "adapters", "final_fusion")]
+    rows.append(("total", f"{_count(encoder):,}"))
+    print(f"encoder {args.name!r}: input {size[0]}x{size[1]}, ViT reads {encoder.vit_size(size)}, "
+          f"grid {encoder.grid_for(size)}, {encoder.num_tokens(size)} tokens of width {encoder.out_dim}")
+    print(_table(rows, ("part", "parameters")))
+    if args.config:
+        print(json.dumps(encoder.config, indent=2))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert an official LLaVA-HR checkpoint's vision part + projector to mixres safetensors."""
+    import mixres
+    from mixres.convert import load_llava_hr_vision, read_checkpoint, save_converted
+
+    _import_all()
+    encoder = mixres.create_encoder(args.preset)
+    projector = mixres.create_projector(args.projector, in_dim=encoder.out_dim, out_dim=args.llm_dim)
+    report = load_llava_hr_vision(encoder, read_checkpoint(args.src, keep=("model.vision_tower.", "model.mm_projector.")), projector)
+    print(report.summary())
+    if not report.ok and not args.allow_missing:
+        print("conversion incomplete (see unexpected / missing above); nothing written", file=sys.stderr)
+        return 1
+    save_converted(args.dst, encoder, projector)
+    print(f"wrote {args.dst}/model.safetensors and mixres_config.json")
+    return 0
+
+
 def _import_all() -> None:
     """Import the modules whose import registers entries (cheap: no heavy backbones)."""
     import mixres  # noqa: F401
@@ -56,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=sorted(registry.REGISTRIES), help="only this kind")
     p.add_argument("--pattern", default="*", help="fnmatch pattern, e.g. 'mr*'")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser("describe", help="parameters per part, tokens and config of an encoder preset")
+    p.add_argument("name", help="encoder preset, e.g. llava-hr-7b-1024")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    p.add_argument("--config", action="store_true", help="also print the JSON config")
+    p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("convert", help="convert an official checkpoint: mixres convert llava-hr SRC DST")
+    p.add_argument("format", choices=["llava-hr"], help="the checkpoint's origin")
+    p.add_argument("src", help="official checkpoint directory or file (local)")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--preset", default="llava-hr-7b-1024", help="encoder preset the checkpoint was trained with")
+    p.add_argument("--projector", default="mlp2x_gelu", help="projector name")
+    p.add_argument("--llm-dim", type=int, default=4096, help="the LLM's hidden size (projector output)")
+    p.add_argument("--allow-missing", action="store_true", help="write even if keys are missing/unexpected")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -22,9 +22,11 @@ class Encoder(Configurable, nn.Module):
 
     Attributes:
         out_dim: width of the tokens returned by :meth:`forward`.
+        image_size: the input ``(H, W)`` the encoder is meant for.
     """
 
     out_dim: int
+    image_size: tuple[int, int]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode normalised images.
@@ -41,7 +43,10 @@ class Encoder(Configurable, nn.Module):
         """The token grid ``(h, w)`` for an input of ``image_size``; runs nothing."""
         raise NotImplementedError
 
-    def num_tokens(self, image_size: int | Sequence[int]) -> int:
-        """Tokens handed to the LLM for an input of ``image_size``; runs nothing."""
+    def num_tokens(self, image_size: int | Sequence[int] | None = None) -> int:
+        """Tokens handed to the LLM for an input of ``image_size`` (default: the encoder's own
+        ``image_size``); runs nothing."""
+        if image_size is None:
+            image_size = self.image_size
         h, w = self.grid_for(to_2tuple("image_size", tuple(image_size) if not isinstance(image_size, int) else image_size))
         return h * w

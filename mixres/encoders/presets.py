@@ -1,0 +1,73 @@
+"""Named encoder configs: LLaVA-HR at 384 / 768 / 1024 / 1536 px, LLaVA-HR-X, tiny test presets.
+
+Facts from the release (``llava_hr/model/multimodal_encoder/``): low-res pathway CLIP
+ViT-L/14-336 (HF ``CLIPVisionModel``, CLS dropped before block 1, all 24 blocks, no post-norm);
+high-res pathway timm ``convnext_large_mlp`` (1536-d; ``convnext_xxlarge``, 3072-d, for -X) whose
+final-stage map feeds every adapter; MR-Adapters after blocks 6, 12, 18; final fusion
+``mr_final``; ViT input ``max(R / 32 * 14, 336)``.
+
+Presets are data: ``ENCODERS.get_preset("llava-hr-7b-1024")`` returns the dict, and
+``create_encoder(name, **overrides)`` merges overrides into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..pathways.hf import CLIP_VIT_L_14_336
+from ..registry import register_encoder_preset
+from .dual import llava_hr_injections
+
+__all__ = ["llava_hr_config", "TINY_VIT", "TINY_CNN"]
+
+# hub ids of the release's backbones; create_encoder(pretrained=True) looks them up locally only
+_WEIGHTS = {
+    "token_pathway": "openai/clip-vit-large-patch14-336",
+    "map_pathway": "convnext_large_mlp.clip_laion2b_ft_320",
+}
+
+TINY_VIT: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=4, image_size=24
+)
+TINY_CNN: dict[str, Any] = dict(dims=[16, 32, 48, 64], depths=[1, 1, 1, 1])
+
+
+def llava_hr_config(
+    image_size: int,
+    vit: dict[str, Any] | None = None,
+    cnn: str = "convnext_large_mlp",
+    cnn_kwargs: dict[str, Any] | None = None,
+    stride: int = 32,
+) -> dict[str, Any]:
+    """The config of a LLaVA-HR dual-pathway encoder reading ``image_size`` pixels.
+
+    Example:
+        >>> cfg = llava_hr_config(1024)
+        >>> [i["after_block"] for i in cfg["injections"]], cfg["resolution"]
+        ([6, 12, 18], {'policy': 'llava_hr', 'stride': 32, 'min_size': None})
+    """
+    vit = dict(CLIP_VIT_L_14_336 if vit is None else vit)
+    return {
+        "name": "dual_pathway",
+        "token_pathway": {"kind": "pathway", "name": "hf_clip", "config": vit, "drop_prefix": True, "select_layer": -1},
+        "map_pathway": {"kind": "pathway", "name": "timm_map", "model_name": cnn, "model_kwargs": cnn_kwargs},
+        "injections": llava_hr_injections(vit["num_hidden_layers"], {"name": "mr_adapter"}),
+        "final_fusion": {"name": "mr_final"},
+        "resolution": {"policy": "llava_hr", "stride": stride, "min_size": None},
+        "image_size": image_size,
+    }
+
+
+for _size in (384, 768, 1024, 1536):
+    register_encoder_preset(f"llava-hr-7b-{_size}", {**llava_hr_config(_size), "weights": _WEIGHTS})
+register_encoder_preset(
+    "llava-hr-x-1024",
+    {**llava_hr_config(1024, cnn="convnext_xxlarge"),
+     "weights": {**_WEIGHTS, "map_pathway": "convnext_xxlarge.clip_laion2b_soup_ft_in1k"}},
+)
+# tiny presets: random init in well under a second, for tests, docs and the CPU demo
+register_encoder_preset("llava-hr-tiny", llava_hr_config(256, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN))
+register_encoder_preset(
+    "llava-hr-tiny-lowres",
+    {**llava_hr_config(96, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN), "injections": [], "final_fusion": None},
+)
