@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
-from .fusions.mr_adapter import convert_official_state_dict
+from .fusions.mr_adapter import OFFICIAL_KEYS, convert_official_state_dict
 
 __all__ = [
     "OFFICIAL_PREFIXES",
@@ -213,17 +213,29 @@ def load_llava_hr_vision(
     return report
 
 
+def _release_name(key: str) -> str:
+    """Our adapter key back to the release's name (``high_proj.weight`` -> ``slow_proj.weight``)."""
+    for release, ours in OFFICIAL_KEYS.items():
+        if key.startswith(ours + "."):
+            return release + key[len(ours):]
+    return key
+
+
 def _load_fusion(module: nn.Module, tensors: Mapping[str, torch.Tensor], release_prefix: str, report: ConversionReport) -> None:
     ours = module.state_dict()
     for key, value in tensors.items():
+        name = release_prefix + _release_name(key)
         if key not in ours:
-            report.unexpected.append(release_prefix + key)
+            report.unexpected.append(name)
         elif ours[key].shape != value.shape:
-            raise WeightsError(f"{release_prefix}{key} has shape {tuple(value.shape)}, but mixres expects {tuple(ours[key].shape)}")
+            raise WeightsError(
+                f"{name} has shape {tuple(value.shape)}, but mixres expects {tuple(ours[key].shape)} for {key}: "
+                "is the preset the checkpoint's?"
+            )
         else:
-            report.loaded.append(release_prefix + key)
+            report.loaded.append(name)
     module.load_state_dict({k: v for k, v in tensors.items() if k in ours}, strict=False)
-    report.missing += [f"{release_prefix}{k}" for k in ours if k not in tensors]
+    report.missing += [f"{type(module).__name__}.{k}" for k in ours if k not in tensors]
 
 
 def save_converted(dst: str | Path, encoder: nn.Module, projector: nn.Module | None = None) -> Path:
