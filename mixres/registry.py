@@ -221,6 +221,7 @@ class Registry:
 
     # -- look-up ------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """Every registered name (classes and presets), sorted; loads plugins on first use."""
         load_plugins()
         return sorted([*self._classes, *self._presets])
 
