@@ -8,7 +8,12 @@ needs them is built.
 
 from __future__ import annotations
 
-from . import grid
+from . import anyres, compressors, grid, multiscale
+from .compressors import CAbstractor, Compressor, TokenPacker
+from .encoders.anyres import AnyResEncoder
+from .encoders.dual import DualPathwayEncoder
+from .encoders.s2 import S2Encoder
+from .multiscale import s2_forward
 from .errors import ConfigError, MixresError, ShapeError, UnknownNameError, WeightsError
 from .encoders import Encoder
 from .encoders.factory import create_encoder
@@ -47,6 +52,16 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "grid",
+    "anyres",
+    "compressors",
+    "multiscale",
+    "s2_forward",
+    "CAbstractor",
+    "Compressor",
+    "TokenPacker",
+    "AnyResEncoder",
+    "DualPathwayEncoder",
+    "S2Encoder",
     "build",
     "load_plugins",
     "Configurable",
