@@ -76,6 +76,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Answer a prompt about an image with an MRA model directory (needs the ``hf`` extra)."""
+    from mixres.integrations.hf.chat import main as chat_main
+
+    return chat_main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark script from ``benchmarks/`` (a source checkout): cost, speed or gpu."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"benchmarks.{args.which}")
+    except ModuleNotFoundError as err:
+        print(f"benchmarks.{args.which} is not importable ({err}); run from a source checkout of mixres", file=sys.stderr)
+        return 2
+    return int(module.main(args.rest) or 0)
+
+
 def _import_all() -> None:
     """Import the modules whose import registers entries (cheap: no heavy backbones)."""
     import mixres  # noqa: F401
@@ -111,11 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-dim", type=int, default=4096, help="the LLM's hidden size (projector output)")
     p.add_argument("--allow-missing", action="store_true", help="write even if keys are missing/unexpected")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("chat", help="chat about an image: mixres chat --model DIR --image IMG --prompt TEXT", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("bench", help="run a benchmark: mixres bench cost|speed|gpu [args]")
+    p.add_argument("which", choices=["cost", "speed", "gpu"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chat"]:  # forwarded whole: argparse's REMAINDER drops leading --flags
+        from mixres.integrations.hf.chat import main as chat_main
+
+        return chat_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

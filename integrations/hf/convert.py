@@ -1,0 +1,178 @@
+"""Convert an official LLaVA-HR checkpoint into a transformers ``LlavaForConditionalGeneration``
+directory whose vision tower is a :class:`~mixres.integrations.hf.modeling.MixresVisionModel`.
+
+The release (github.com/luogen1996/LLaVA-HR) saves a ``LlavaLlamaForCausalLM``: the Llama keys
+(``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``), the vision tower
+under ``model.vision_tower.*`` and the ``mlp2x_gelu`` projector as ``model.mm_projector.{0,2}``.
+The vision part goes through :func:`mixres.convert.load_llava_hr_vision` into the encoder preset
+(``llava-hr-7b-<input_image_size>`` unless given); the rest is renamed:
+
+| release | transformers Llava |
+|---|---|
+| ``model.embed_tokens.*``, ``model.layers.*``, ``model.norm.*`` | ``model.language_model.*`` |
+| ``lm_head.*`` | ``lm_head.*`` |
+| ``model.mm_projector.0.*`` / ``.2.*`` | ``model.multi_modal_projector.linear_1.*`` / ``linear_2.*`` |
+| encoder (``model.vision_tower.*``) | ``model.vision_tower.encoder.*`` |
+
+The release marks images with the id -200 in the token stream; transformers needs a real
+token, so ``<image>`` is added to the tokenizer (and ``<pad>`` if it has no pad token) and the
+embeddings grow to a multiple of 64 rows, new rows the mean of the old ones. The processor
+pads to a square with the mean colour, resizes to ``input_image_size`` and uses the Vicuna v1
+prompt of LLaVA-1.5 (``USER: <image>\\n... ASSISTANT:``) as its chat template. Nothing is
+downloaded: ``src`` is a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaImageProcessor, LlavaProcessor
+
+import mixres
+from mixres.convert import ConversionReport, load_llava_hr_vision, read_checkpoint
+from mixres.errors import WeightsError
+
+from .errors import ModelPathError
+from .images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .modeling import MixresVisionConfig
+
+__all__ = ["convert_llava_hr", "LLM_RENAMES", "VICUNA_TEMPLATE"]
+
+LLM_RENAMES: dict[str, str] = {
+    "model.embed_tokens.": "model.language_model.embed_tokens.",
+    "model.layers.": "model.language_model.layers.",
+    "model.norm.": "model.language_model.norm.",
+    "lm_head.": "lm_head.",
+    "model.mm_projector.0.": "model.multi_modal_projector.linear_1.",
+    "model.mm_projector.2.": "model.multi_modal_projector.linear_2.",
+}
+_VISION_PREFIX = "model.vision_tower."
+_EMBEDDINGS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+VICUNA_TEMPLATE = (
+    "{{ 'A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human\\'s questions. ' }}"
+    "{% for message in messages %}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+    "{{ ' ' if message['role'] == 'user' else '</s>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _preset_for(official: dict[str, Any]) -> str:
+    size = official.get("input_image_size", 1024)
+    if "xxlarge" in str(official.get("vision_tower_slow", "")):
+        return f"llava-hr-x-{size}"
+    return f"llava-hr-7b-{size}"
+
+
+def _text_config(official: dict[str, Any]) -> LlamaConfig:
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+              "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "head_dim", "tie_word_embeddings")
+    return LlamaConfig(**{k: official[k] for k in fields if official.get(k) is not None})
+
+
+def _rename_llm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(_VISION_PREFIX):
+            continue
+        old = next((p for p in LLM_RENAMES if key.startswith(p)), None)
+        if old is None:
+            unknown.append(key)
+        else:
+            out[LLM_RENAMES[old] + key[len(old):]] = value
+    if unknown:
+        raise WeightsError(f"{len(unknown)} release key(s) have no place in a Llava model: {sorted(unknown)[:8]}")
+    missing = [k for k in (*_EMBEDDINGS, "model.multi_modal_projector.linear_1.weight") if k not in out]
+    if missing:
+        raise WeightsError(f"the release checkpoint lacks {missing}; is it a full LLaVA-HR model (not a projector-only one)?")
+    return out
+
+
+def _grow_embeddings(tensors: dict[str, torch.Tensor], rows: int) -> None:
+    for key in _EMBEDDINGS:
+        old = tensors[key]
+        if old.shape[0] < rows:
+            extra = old.float().mean(0, keepdim=True).expand(rows - old.shape[0], -1).to(old.dtype)
+            tensors[key] = torch.cat([old, extra])
+
+
+def _tokenizer(src: Path, tokenizer: Any) -> Any:
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelPathError(f"no tokenizer could be read from {str(src)!r} ({err}); pass tokenizer=...") from None
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.image_token = "<image>"
+    return tokenizer
+
+
+def convert_llava_hr(src: str | Path, dst: str | Path, *, preset: str | None = None, tokenizer: Any = None,
+                     dtype: torch.dtype | None = None) -> ConversionReport:
+    """Write a ``save_pretrained`` directory (model + processor) converted from an official checkpoint.
+
+    Args:
+        src: the release directory: ``config.json``, weight shards (``*.safetensors`` / ``*.bin``)
+            and tokenizer files.
+        dst: the output directory; load it with :func:`~mixres.integrations.hf.load_pretrained`.
+        preset: the encoder preset the checkpoint was trained with; ``None``: from the release
+            config (``llava-hr-7b-<input_image_size>``, ``llava-hr-x-1024`` for ConvNeXt-XXL).
+        tokenizer: the tokenizer, if ``src`` has none.
+        dtype: cast the weights (``None``: as stored).
+
+    Returns:
+        The vision part's :class:`~mixres.convert.ConversionReport` (all keys accounted for).
+
+    Raises:
+        ModelPathError: ``src`` does not exist, has no ``config.json`` or no tokenizer.
+        WeightsError: release keys left over or missing, or shapes that do not fit the preset.
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not (src / "config.json").is_file():
+        raise ModelPathError(f"{str(src)!r} is not an official LLaVA-HR directory (no config.json there)")
+    official = json.loads((src / "config.json").read_text())
+    encoder = mixres.create_encoder(preset or _preset_for(official))
+    state = read_checkpoint(src)
+    report = load_llava_hr_vision(encoder, {k: v for k, v in state.items() if not k.startswith("model.mm_projector.")})
+    if not report.ok:
+        raise WeightsError(f"the vision part of {str(src)!r} does not fit the encoder preset:\n{report.summary()}")
+    tensors = _rename_llm(state)
+    tokenizer = _tokenizer(src, tokenizer)
+    text = _text_config(official)
+    text.vocab_size = max(text.vocab_size, math.ceil(len(tokenizer) / 64) * 64)
+    text.pad_token_id = tokenizer.pad_token_id
+    _grow_embeddings(tensors, text.vocab_size)
+    tensors.update({f"model.vision_tower.encoder.{k}": v for k, v in encoder.state_dict().items()})
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    vision = MixresVisionConfig.from_encoder(encoder)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=vision.num_image_tokens,
+        projector_hidden_act="gelu", multimodal_projector_bias=True,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = next(iter(tensors.values())).dtype if dtype is None else dtype
+    dst.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(dst)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    side = vision.image_size
+    image_processor = LlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                          do_pad=True, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                               vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                               chat_template=VICUNA_TEMPLATE)
+    processor.save_pretrained(dst)
+    return report

@@ -1,0 +1,142 @@
+"""Checking and preparing images the way LLaVA-HR feeds them: RGB, padded to a square with the
+mean colour, then resized and normalised (by the model's image processor, or by
+:func:`reference_pixel_values`).
+
+LLaVA-1.5 / LLaVA-HR ``expand2square``: the image is centred on a square canvas of the
+longer side filled with the CLIP mean colour (``tuple(int(m * 255) for m in image_mean)``), so
+the padding normalises to zero.
+
+Modes: RGB is used as is; ``RGBA``/``RGBX``/``LA``/``PA`` (alpha dropped), ``L``/``1`` (grey
+replicated), ``P`` (palette), ``CMYK`` and ``YCbCr`` are converted to RGB with PIL. 16- and
+32-bit modes (``I;16``, ``I``, ``F``) have no agreed scale to 8 bits and are refused, as is any
+other mode, with an :class:`~mixres.integrations.hf.errors.ImageInputError` that says how to
+convert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ImageInputError
+
+__all__ = [
+    "MIN_IMAGE_SIDE",
+    "CONVERTIBLE_MODES",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "check_image",
+    "to_rgb",
+    "pad_to_square",
+    "reference_pixel_values",
+]
+
+# below this an image holds less than one ViT patch, and a side of 1 or 3 pixels is mistaken
+# for the channel axis by transformers' channel-format inference
+MIN_IMAGE_SIDE = 8
+CONVERTIBLE_MODES: tuple[str, ...] = ("RGB", "RGBA", "RGBX", "LA", "PA", "L", "1", "P", "CMYK", "YCbCr")
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_image(image: object, index: int = 0, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
+    """Validate one image and return it as an RGB ``PIL.Image``.
+
+    Args:
+        image: a ``PIL.Image`` or a ``uint8`` array ``[H, W]`` / ``[H, W, 3]``.
+        index: its position in the caller's list, quoted in errors.
+        min_side: the smallest height / width accepted.
+
+    Raises:
+        ImageInputError: not an image, an unsupported mode (16-bit, float, ...) or too small.
+
+    Example:
+        >>> check_image(Image.new("L", (16, 12))).mode
+        'RGB'
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+            raise ImageInputError(
+                f"images[{index}] is an array of shape {image.shape} and dtype {image.dtype}; arrays have to be "
+                "uint8 [H, W] or [H, W, 3] (or pass a PIL.Image)"
+            )
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ImageInputError(f"images[{index}] has to be a PIL.Image, but got {type(image).__name__}")
+    width, height = image.size
+    if min(width, height) < min_side:
+        raise ImageInputError(
+            f"images[{index}] is {width}x{height} pixels; each side has to be at least {min_side} px "
+            "(smaller images hold less than one ViT patch); upscale it first, e.g. image.resize((w * k, h * k))"
+        )
+    return to_rgb(image, index)
+
+
+def to_rgb(image: Image.Image, index: int = 0) -> Image.Image:
+    """Convert a PIL image of a :data:`CONVERTIBLE_MODES` mode to RGB; refuse the others."""
+    if image.mode == "RGB":
+        return image
+    if image.mode not in CONVERTIBLE_MODES:
+        raise ImageInputError(
+            f"images[{index}] has PIL mode {image.mode!r}, which has no agreed conversion to 8-bit RGB; "
+            f"convert it yourself (e.g. for 16-bit: Image.fromarray((np.asarray(img) >> 8).astype('uint8')).convert('RGB')); "
+            f"accepted modes: {list(CONVERTIBLE_MODES)}"
+        )
+    return image.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, mean: Sequence[float] = OPENAI_CLIP_MEAN) -> Image.Image:
+    """Centre ``image`` on a square of its longer side filled with the mean colour (LLaVA's ``expand2square``).
+
+    Args:
+        image: an RGB image.
+        mean: the normaliser's per-channel mean in [0, 1]; the fill is ``int(m * 255)``.
+
+    Example:
+        >>> pad_to_square(Image.new("RGB", (30, 10))).size
+        (30, 30)
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def reference_pixel_values(
+    images: Sequence[object],
+    size: int,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+) -> torch.Tensor:
+    """LLaVA-HR's preprocessing without a processor: pad to square (mean colour), resize, normalise.
+
+    Args:
+        images: PIL images (any size, any :data:`CONVERTIBLE_MODES` mode).
+        size: the square side ``R`` the encoder reads (e.g. 1024).
+        mean: per-channel mean in [0, 1] (CLIP's by default).
+        std: per-channel std.
+
+    Returns:
+        pixel_values (Tensor[B, 3, size, size]) in float32.
+
+    Example:
+        >>> reference_pixel_values([Image.new("RGB", (40, 20)), Image.new("L", (9, 30))], 32).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    if not images:
+        raise ImageInputError("images is empty; pass at least one image")
+    tensors = []
+    for i, image in enumerate(images):
+        square = pad_to_square(check_image(image, i), mean)
+        x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        tensors.append(x)
+    x = torch.cat(tensors)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

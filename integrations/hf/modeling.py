@@ -1,0 +1,237 @@
+"""A transformers-native vision tower around a mixres :class:`~mixres.encoders.dual.DualPathwayEncoder`.
+
+:class:`MixresVisionConfig` (``model_type = "mixres_vision"``) holds the encoder's config
+dict (``mixres.build`` rebuilds it) and the fields LLaVA-style code reads from a
+``vision_config``; :class:`MixresVisionModel` is a ``PreTrainedModel`` whose only child is
+``encoder``. Importing ``mixres.integrations.hf`` registers both with ``AutoConfig`` /
+``AutoModel``, so ``LlavaConfig(vision_config=MixresVisionConfig(...), ...)`` builds a
+``LlavaForConditionalGeneration`` with MRA inside, and ``save_pretrained`` /
+``from_pretrained`` round-trip (safetensors) once the package is imported.
+
+How the fields fit LLaVA code (transformers 5.x):
+
+- ``hidden_size`` is the encoder's ``out_dim``: the projector's input width;
+- ``image_size`` is the high-res input side ``R`` the image processor produces (a LLaVA-NeXT
+  tile), and ``patch_size`` is ``R / grid``: input pixels per output token, so that
+  ``image_size // patch_size`` is the token grid side that LLaVA-NeXT's packing and every
+  processor's token count use (1024 px, ViT 448/14 -> 32x32 tokens: ``patch_size = 32``);
+- ``forward`` returns ``last_hidden_state`` = the tokens (PaliGemma reads it) and
+  ``hidden_states = (tokens,)``: LLaVA selects ``hidden_states[vision_feature_layer]``, so the
+  LLaVA config must say ``vision_feature_layer=-1`` and ``vision_feature_select_strategy="full"``
+  (``"default"`` would drop the first *patch* token: the pathway already removed CLS, which a
+  fusion must never see). :func:`~mixres.integrations.hf.mrify` sets both.
+
+Weights: the config never names weight files (``model_name_or_path`` / ``checkpoint_path``
+are cleared): the tower's weights live in the HF model's own safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import mixres
+from mixres.encoders.factory import WEIGHT_ARGS
+
+from .errors import UnsupportedModelError
+
+__all__ = ["MixresVisionConfig", "MixresVisionModel", "register_auto_classes", "without_weight_paths"]
+
+# constructor arguments that load weights from files; cleared in a saved config
+_WEIGHT_KEYS = frozenset(WEIGHT_ARGS.values()) | {"pretrained"}
+
+
+def without_weight_paths(config: Any) -> Any:
+    """A copy of an encoder config with every weight-file argument set to ``None`` / ``False``.
+
+    Example:
+        >>> without_weight_paths({"name": "hf_clip", "model_name_or_path": "/w", "config": {"a": 1}})
+        {'name': 'hf_clip', 'model_name_or_path': None, 'config': {'a': 1}}
+    """
+    if isinstance(config, Mapping):
+        return {
+            k: (False if k == "pretrained" else None) if k in _WEIGHT_KEYS and v else without_weight_paths(v)
+            for k, v in config.items()
+        }
+    if isinstance(config, (list, tuple)):
+        return [without_weight_paths(v) for v in config]
+    return config
+
+
+class MixresVisionConfig(PreTrainedConfig):
+    """Config of :class:`MixresVisionModel`.
+
+    Args:
+        encoder: the encoder's config (``encoder.config``); weight paths are cleared.
+        hidden_size: width of the output tokens (the encoder's ``out_dim``).
+        image_size: side ``R`` of the square input the encoder reads (high-res, e.g. 1024).
+        patch_size: input pixels per output token, ``R // grid`` (e.g. 32).
+        num_image_tokens: tokens per image, ``grid ** 2``.
+        projection_dim: written by PaliGemma's config (its projector width); unused here.
+
+    Use :meth:`from_encoder` to fill the numbers from a built encoder.
+    """
+
+    model_type = "mixres_vision"
+    base_config_key = "vision_config"
+
+    encoder: dict | None = None
+    hidden_size: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    num_image_tokens: int = 0
+    projection_dim: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.encoder = without_weight_paths(self.encoder) if self.encoder is not None else None
+
+    @classmethod
+    def from_encoder(cls, encoder: torch.nn.Module, image_size: int | None = None, **kwargs: Any) -> MixresVisionConfig:
+        """The config of a tower that holds ``encoder`` and reads ``image_size`` (default: the encoder's).
+
+        Raises:
+            UnsupportedModelError: a non-square size or grid, or a grid that does not divide the
+                image side (LLaVA code assumes ``image_size = grid * patch_size``).
+        """
+        if image_size is None:
+            height, width = encoder.image_size
+            if height != width:
+                raise UnsupportedModelError(f"HF vision towers read square images, but the encoder's image_size is {(height, width)}")
+            image_size = height
+        grid = tuple(encoder.grid_for(image_size))
+        if grid[0] != grid[1] or image_size % grid[0]:
+            raise UnsupportedModelError(
+                f"image_size {image_size} gives a token grid {grid}, which does not divide it; LLaVA code needs "
+                "image_size = grid * patch_size: pick a size whose grid divides it (LLaVA-HR's 384, 768, 1024 and "
+                "1536 all do; see encoder.grid_for(size))"
+            )
+        return cls(encoder=encoder.config, hidden_size=encoder.out_dim, image_size=image_size,
+                   patch_size=image_size // grid[0], num_image_tokens=grid[0] * grid[1], **kwargs)
+
+
+def _on_meta_device() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+def _in_hf_submodel(name: str, submodels: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in submodels)
+
+
+class MixresVisionModel(PreTrainedModel):
+    """A mixres encoder as a transformers vision tower: ``pixel_values -> tokens``.
+
+    Args:
+        config: the tower's config; ``config.encoder`` is built with ``mixres.build``.
+        encoder: an already built encoder to hold instead (its config has to be ``config.encoder``).
+
+    ``forward(pixel_values (Tensor[B, 3, R, R]))`` returns a ``BaseModelOutputWithPooling``
+    with ``last_hidden_state (Tensor[B, grid**2, hidden_size])`` and ``hidden_states`` holding
+    that one tensor (see the module docstring for why LLaVA must select it with
+    ``vision_feature_layer=-1``, ``vision_feature_select_strategy="full"``).
+    """
+
+    config: MixresVisionConfig
+    config_class = MixresVisionConfig
+    base_model_prefix = "mixres_vision"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["DualPathwayEncoder"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: MixresVisionConfig, encoder: torch.nn.Module | None = None) -> None:
+        super().__init__(config)
+        if not config.encoder:
+            raise UnsupportedModelError("MixresVisionConfig has no encoder config; build it with MixresVisionConfig.from_encoder(encoder)")
+        self.encoder = mixres.build(config.encoder) if encoder is None else encoder
+        if self.encoder.out_dim != config.hidden_size:
+            raise UnsupportedModelError(
+                f"the encoder's out_dim is {self.encoder.out_dim} but the config says hidden_size={config.hidden_size}"
+            )
+        self.patch_size = config.patch_size
+        if not _on_meta_device():  # built for real: keep the libraries' own inits (zero-init adapters, ...)
+            for tensor in (*self.encoder.parameters(), *self.encoder.buffers()):
+                tensor._is_hf_initialized = True
+        self.post_init()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the pathways recompute activations in the backward pass.
+
+        Set by transformers' ``gradient_checkpointing_enable`` on the whole MLLM. transformers
+        ViT blocks are ``GradientCheckpointingLayer`` s that the same call switches on, so the
+        encoder's own checkpointing is used only for pathways without them (the CNN, timm ViTs).
+        """
+        return bool(getattr(self.encoder.map_pathway, "grad_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.encoder.map_pathway.set_grad_checkpointing(enable)
+        if not any(isinstance(m, GradientCheckpointingLayer) for m in self.encoder.token_pathway.modules()):
+            self.encoder.token_pathway.set_grad_checkpointing(enable)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.encoder.token_pathway
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | int | list[int] | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Encode ``pixel_values (Tensor[B, 3, R, R])``; other keyword arguments are ignored."""
+        selected = [output_hidden_states] if isinstance(output_hidden_states, int) and not isinstance(output_hidden_states, bool) else output_hidden_states
+        if isinstance(selected, (list, tuple)) and any(i not in (0, -1) for i in selected):
+            raise UnsupportedModelError(
+                f"the mixres vision tower returns one hidden state (the encoder's tokens), but layer(s) {selected} were "
+                "requested; set vision_feature_layer=-1 and vision_feature_select_strategy='full' in the model config"
+            )
+        tokens, _ = self.encoder(pixel_values.to(self.dtype))
+        out = BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=None, hidden_states=(tokens,))
+        return out if return_dict is not False else out.to_tuple()
+
+    @torch.no_grad()
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Give tensors that ``from_pretrained`` did not load their constructor values.
+
+        Called by transformers for every submodule (this model last). A loaded tensor carries
+        ``_is_hf_initialized``; transformers sub-models (the HF ViT) re-initialise their own
+        tensors. Any other tensor left unset -- a key missing from the checkpoint, a
+        non-persistent buffer -- is copied from a freshly built encoder (built only then).
+        """
+        if module is not self:
+            return
+        submodels = [n for n, m in self.encoder.named_modules() if n and isinstance(m, PreTrainedModel)]
+        named = dict(self.encoder.named_parameters())
+        named.update(dict(self.encoder.named_buffers()))
+        unset = {
+            n: t for n, t in named.items()
+            if not getattr(t, "_is_hf_initialized", False) and not _in_hf_submodel(n, submodels)
+        }
+        if not unset or any(t.device.type == "meta" for t in unset.values()):
+            return
+        with torch.device("cpu"):
+            fresh = mixres.build(self.config.encoder)
+        reference = dict(fresh.named_parameters())
+        reference.update(dict(fresh.named_buffers()))
+        for name, tensor in unset.items():
+            tensor.copy_(reference[name].to(tensor.dtype))
+            tensor._is_hf_initialized = True
+
+
+def register_auto_classes() -> None:
+    """Register the config and model with ``AutoConfig`` / ``AutoModel`` (idempotent)."""
+    AutoConfig.register(MixresVisionConfig.model_type, MixresVisionConfig, exist_ok=True)
+    AutoModel.register(MixresVisionConfig, MixresVisionModel, exist_ok=True)
