@@ -1,0 +1,517 @@
+"""LLaVA training data: a ``Dataset`` over LLaVA JSON + an image folder, and its collator.
+
+Follows LLaVA's ``LazySupervisedDataset`` / ``DataCollatorForSupervisedDataset``
+(``llava/train/train.py``) with three changes, all for clear failures:
+
+- **Masking by character spans.** The template (``templates.py``) says where the answers are in
+  the rendered text; the text is tokenised once with offsets and a token is a label iff it
+  overlaps an answer span. Labels are ``-100`` everywhere else (system prompt, questions, role
+  names, image tokens, padding); answers keep their end-of-turn token.
+- **Image tokens expanded in the data.** The single ``<image>`` placeholder becomes
+  ``num_image_tokens`` copies of the image token id (the encoder's ``num_tokens``), so
+  ``input_ids`` already has the length the LLM sees (HF ``LlavaForConditionalGeneration``
+  convention). As LLaVA does, the placeholder is moved to the front of its turn (``<image>\\n``).
+- **Nothing silently truncated.** Every sample is checked when the dataset is built: structure,
+  image/placeholder agreement, image file present, template fit, length ``<= max_length``. A bad
+  sample raises :class:`LlavaDataError` naming its id, or with ``on_error="skip"`` is logged,
+  counted in ``skipped`` and left out. A corrupt image is only found when loaded: it raises, or
+  is counted and replaced by the next sample.
+
+Mixed batches (image and text-only samples): the collator stacks ``pixel_values`` of the image
+samples only, in batch order (the *i*-th image fills the *i*-th run of image tokens), or with
+``text_only_images="zeros"`` gives every sample a row (zeros for text-only, as original LLaVA)
+and can add ``image_flags``. For length-grouped sampling use :attr:`LlavaDataset.lengths` or
+:attr:`LlavaDataset.modality_lengths` (negative for text-only, LLaVA's ``group_by_modality_length``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from mixres._utils import check_choice, check_positive_int, lazy_import
+from mixres.errors import MixresError
+
+from .templates import Rendered, Template, TemplateError, get_template
+
+Image = lazy_import("PIL.Image")
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IGNORE_INDEX",
+    "LlavaDataError",
+    "expand2square",
+    "ImagePreprocessor",
+    "tokenize_conversation",
+    "LlavaDataset",
+    "LlavaCollator",
+]
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IGNORE_INDEX = -100
+OnError = Literal["raise", "skip"]
+ON_ERROR = ("raise", "skip")
+AspectRatio = Literal["pad", "crop"]
+ASPECT_RATIOS = ("pad", "crop")
+TextOnlyImages = Literal["drop", "zeros"]
+TEXT_ONLY_IMAGES = ("drop", "zeros")
+
+
+class LlavaDataError(MixresError):
+    """A training sample is malformed: the message names the sample id and what was wrong."""
+
+
+class _UnreadableImage(Exception):
+    """Raised inside the dataset when an image cannot be decoded; turned into LlavaDataError."""
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def expand2square(image: Any, background: tuple[int, int, int]) -> Any:
+    """Pad a PIL image to a square, centred, with a ``background`` colour (LLaVA's function).
+
+    Args:
+        image: a PIL image of size ``(w, h)``.
+        background: the fill colour, e.g. ``tuple(int(x * 255) for x in CLIP_MEAN)``.
+
+    Returns:
+        The image itself if square, else a new ``max(w, h)``-square image.
+
+    Example:
+        >>> sq = expand2square(Image.new("RGB", (30, 10), (255, 0, 0)), (122, 116, 104))
+        >>> sq.size, sq.getpixel((0, 0)), sq.getpixel((15, 15))
+        ((30, 30), (122, 116, 104), (255, 0, 0))
+    """
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - w) // 2, (side - h) // 2))
+    return result
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """PIL image -> normalised float tensor ``[3, size, size]``, as LLaVA feeds its vision tower.
+
+    ``aspect_ratio="pad"`` (LLaVA's ``image_aspect_ratio="pad"``, stage 2 of LLaVA-1.5 and
+    LLaVA-HR) pads to a square with the mean colour ``tuple(int(x * 255) for x in mean)`` and
+    resizes; ``"crop"`` (CLIP's processor, LLaVA's default in stage 1) resizes the short side
+    and centre-crops. Resizing is bicubic; then ``(x / 255 - mean) / std``.
+
+    Args:
+        size: output side in pixels (the encoder's input resolution, e.g. 1024 for LLaVA-HR).
+        mean: per-channel mean (CLIP's by default).
+        std: per-channel std (CLIP's by default).
+        aspect_ratio: ``"pad"`` or ``"crop"``.
+
+    Example:
+        >>> ImagePreprocessor(size=64)(Image.new("RGB", (80, 40))).shape
+        torch.Size([3, 64, 64])
+    """
+
+    size: int = 336
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    aspect_ratio: AspectRatio = "pad"
+
+    def __post_init__(self) -> None:
+        check_positive_int("size", self.size)
+        check_choice("aspect_ratio", self.aspect_ratio, ASPECT_RATIOS)
+        for name, v in (("mean", self.mean), ("std", self.std)):
+            if len(v) != 3:
+                raise MixresError(f"{name} has to have 3 values (R, G, B), but got {v!r}")
+        if min(self.std) <= 0:
+            raise MixresError(f"std has to be > 0 for every channel, but got {self.std!r}")
+
+    @classmethod
+    def from_hf(cls, processor: Any, size: int | None = None, aspect_ratio: AspectRatio = "pad") -> ImagePreprocessor:
+        """Take mean and std (and the size, unless given) from an HF image processor."""
+        size = size or processor.crop_size["height"]
+        return cls(size, tuple(processor.image_mean), tuple(processor.image_std), aspect_ratio)
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """The padding colour: the mean in 0-255, truncated as LLaVA does."""
+        return tuple(int(x * 255) for x in self.mean)  # type: ignore[return-value]
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        """Preprocess one PIL image (any mode; converted to RGB) to ``Tensor[3, size, size]``."""
+        image = image.convert("RGB")
+        if self.aspect_ratio == "pad":
+            image = expand2square(image, self.background).resize((self.size, self.size), Image.BICUBIC)
+        else:
+            image = _resize_short_side_and_crop(image, self.size)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        pixels = pixels.permute(2, 0, 1).float() / 255.0
+        return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+
+def _resize_short_side_and_crop(image: Any, size: int) -> Any:
+    w, h = image.size
+    scale = size / min(w, h)
+    w, h = max(size, int(w * scale)), max(size, int(h * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+
+def _image_token_id(tokenizer: Any, image_token: str) -> int:
+    ids = tokenizer(image_token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
+        raise MixresError(
+            f"the tokenizer has to encode {image_token!r} as one token, but it gives {ids}; add it with "
+            f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) and resize the "
+            "LLM's embeddings"
+        )
+    return ids[0]
+
+
+def _labels(offsets: Sequence[tuple[int, int]], ids: Sequence[int], targets: Sequence[tuple[int, int]]) -> list[int]:
+    """A token is a label iff its (non-empty) character span overlaps an answer span."""
+    return [
+        i if e > s and any(s < b and e > a for a, b in targets) else IGNORE_INDEX
+        for i, (s, e) in zip(ids, offsets)
+    ]
+
+
+def tokenize_conversation(
+    rendered: Rendered, tokenizer: Any, *, image_token_id: int, num_image_tokens: int
+) -> tuple[list[int], list[int]]:
+    """Tokenise a rendered conversation; mask all but the answers; expand the image token.
+
+    Args:
+        rendered: a template's output (text + answer spans).
+        tokenizer: a fast HF tokenizer (it has to return offsets).
+        image_token_id: id of the image placeholder token.
+        num_image_tokens: copies of ``image_token_id`` that replace each placeholder.
+
+    Returns:
+        ``(input_ids, labels)`` of equal length; labels are ``IGNORE_INDEX`` except on answers.
+    """
+    enc = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
+    labels = _labels(enc["offset_mapping"], enc["input_ids"], rendered.targets)
+    input_ids: list[int] = []
+    out_labels: list[int] = []
+    for token, label in zip(enc["input_ids"], labels):
+        n = num_image_tokens if token == image_token_id else 1
+        input_ids += [token] * n
+        out_labels += [IGNORE_INDEX if token == image_token_id else label] * n
+    return input_ids, out_labels
+
+
+def _image_first(turns: list[dict[str, Any]], image_token: str) -> list[dict[str, Any]]:
+    """Move the placeholder to the front of its turn, ``<image>\\n...`` (LLaVA's preprocess_multimodal)."""
+    return [
+        dict(t, value=image_token + "\n" + t["value"].replace(image_token, "").strip())
+        if isinstance(t, Mapping) and isinstance(t.get("value"), str) and image_token in t["value"] else t
+        for t in turns
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+
+
+class LlavaDataset(Dataset):
+    """LLaVA-format conversations + images, tokenised for supervised fine-tuning.
+
+    Each item is ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values":
+    FloatTensor[3, S, S] (image samples only), "has_image": bool, "id": str}``.
+
+    Args:
+        data: path to a LLaVA JSON file (a list of ``{"id", "image"?, "conversations"}``), or
+            that list itself.
+        tokenizer: a fast HF tokenizer holding ``image_token`` as one token.
+        num_image_tokens: tokens the encoder hands the LLM per image (``encoder.num_tokens(size)``).
+        image_folder: where ``"image"`` paths are relative to; default the JSON file's folder
+            (the working directory for an in-memory list).
+        template: a name in ``TEMPLATES`` (``plain``, ``vicuna_v1``, ``chat_template``) or a
+            :class:`Template`.
+        image_processor: turns PIL images into tensors; default ``ImagePreprocessor()`` (336 px,
+            CLIP mean/std, pad to square).
+        max_length: longest sample in tokens, image tokens included; longer ones are errors.
+        on_error: ``"raise"`` on a bad sample, or ``"skip"``: log it, count it in
+            :attr:`skipped` (ids in :attr:`skipped_ids`) and leave it out.
+        image_token: the placeholder in the text.
+
+    Raises:
+        LlavaDataError: a bad sample (with ``on_error="raise"``); the message names its id.
+        UnknownNameError: unknown template name.
+        MixresError: a bad argument, or a tokenizer without the image token.
+        TypeError: a tokenizer that cannot return offsets (not a fast tokenizer).
+    """
+
+    def __init__(
+        self,
+        data: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        *,
+        num_image_tokens: int,
+        image_folder: str | os.PathLike[str] | None = None,
+        template: str | Template = "vicuna_v1",
+        image_processor: ImagePreprocessor | None = None,
+        max_length: int = 2048,
+        on_error: OnError = "raise",
+        image_token: str = "<image>",
+    ) -> None:
+        check_positive_int("num_image_tokens", num_image_tokens)
+        check_positive_int("max_length", max_length)
+        check_choice("on_error", on_error, ON_ERROR)
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(f"tokenizer has to be a fast HF tokenizer (it must return offsets), "
+                            f"but got {type(tokenizer).__name__}")
+        self.template = get_template(template)
+        self.tokenizer, self.num_image_tokens, self.max_length = tokenizer, num_image_tokens, max_length
+        self.on_error, self.image_token = on_error, image_token
+        self.image_token_id = _image_token_id(tokenizer, image_token)
+        self.image_processor = image_processor or ImagePreprocessor()
+        records, source = _load_records(data)
+        self.image_folder = Path(image_folder) if image_folder is not None else source
+        self.skipped = 0
+        self.skipped_ids: list[str] = []
+        self._records: list[dict[str, Any]] = []
+        self._lengths: list[int] = []
+        self._broken: set[int] = set()
+        for index, record in enumerate(records):
+            self._add(index, record)
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _fail(self, sample_id: str, message: str) -> None:
+        if self.on_error == "raise":
+            raise LlavaDataError(f"sample {sample_id!r}: {message}")
+        logger.warning("skipping sample %r: %s", sample_id, message)
+        self.skipped += 1
+        self.skipped_ids.append(sample_id)
+
+    def _add(self, index: int, record: Any) -> None:
+        sample_id = str(record.get("id", f"#{index}")) if isinstance(record, Mapping) else f"#{index}"
+        try:
+            record = self._check(record)
+            rendered = self._render(record)
+        except (LlavaDataError, TemplateError) as err:
+            return self._fail(sample_id, str(err))
+        n_images = rendered.text.count(self.image_token)
+        length = len(self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"])
+        length += n_images * (self.num_image_tokens - 1)
+        if length > self.max_length:
+            return self._fail(sample_id, f"{length} tokens ({n_images * self.num_image_tokens} of them image "
+                                         f"tokens) exceed max_length={self.max_length}; raise max_length or "
+                                         "drop the sample (samples are never truncated)")
+        self._records.append(record)
+        self._lengths.append(length)
+
+    def _check(self, record: Any) -> dict[str, Any]:
+        """Structure and image checks; returns the record with the placeholder moved first."""
+        if not isinstance(record, Mapping) or not isinstance(record.get("conversations"), list):
+            raise LlavaDataError(f"a sample has to be a dict with a 'conversations' list, but got {_brief(record)}")
+        image = record.get("image")
+        turns = record["conversations"]
+        texts = [t.get("value") if isinstance(t, Mapping) else None for t in turns]
+        in_answers = sum(self.image_token in v for v in texts[1::2] if isinstance(v, str))
+        placeholders = sum(v.count(self.image_token) for v in texts if isinstance(v, str))
+        if in_answers:
+            raise LlavaDataError(f"{self.image_token!r} is in an answer; it may only be in a human turn")
+        if image is None and placeholders:
+            raise LlavaDataError(f"the text has {placeholders} {self.image_token!r} placeholder(s) but the sample "
+                                 "has no 'image'; add the image or remove the placeholder")
+        if image is not None:
+            if not isinstance(image, str):
+                raise LlavaDataError(f"'image' has to be one path (str), but got {_brief(image)}")
+            if placeholders != 1:
+                raise LlavaDataError(f"a sample with an image needs exactly one {self.image_token!r} placeholder in "
+                                     f"its text, but has {placeholders}")
+            if not (self.image_folder / image).is_file():
+                raise LlavaDataError(f"image file {str(self.image_folder / image)!r} not found")
+        return dict(record, conversations=_image_first(list(turns), self.image_token))
+
+    def _render(self, record: Mapping[str, Any]) -> Rendered:
+        try:
+            return self.template.render(record["conversations"], self.tokenizer, self.image_token)
+        except TemplateError as err:
+            raise LlavaDataError(f"template {self.template.name!r}: {err}") from None
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of each sample, image tokens included (for ``LengthGroupedSampler``)."""
+        return list(self._lengths)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """As :attr:`lengths`, negative for text-only samples (LLaVA's ``group_by_modality_length``)."""
+        return [n if "image" in r and r["image"] is not None else -n for n, r in zip(self._lengths, self._records)]
+
+    def record(self, index: int) -> dict[str, Any]:
+        """The (checked) JSON record of sample ``index``."""
+        return self._records[index]
+
+    def render(self, index: int) -> Rendered:
+        """The templated text of sample ``index`` and its answer spans (for inspection)."""
+        return self._render(self._records[index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} samples")
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            if i in self._broken:
+                continue
+            try:
+                return self._item(i)
+            except _UnreadableImage as err:
+                self._fail(self._id(i), str(err))  # raises unless on_error="skip"
+                self._broken.add(i)
+        raise LlavaDataError(f"no sample of the dataset can be loaded ({self.skipped} skipped)")
+
+    def _id(self, i: int) -> str:
+        return str(self._records[i].get("id", f"#{i}"))
+
+    def _item(self, i: int) -> dict[str, Any]:
+        record = self._records[i]
+        ids, labels = tokenize_conversation(self._render(record), self.tokenizer,
+                                            image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens)
+        item: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                                "has_image": record.get("image") is not None, "id": self._id(i)}
+        if item["has_image"]:
+            item["pixel_values"] = self._load_image(self.image_folder / record["image"])
+        return item
+
+    def _load_image(self, path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:
+            raise _UnreadableImage(f"image file {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+        return self.image_processor(image)
+
+    def __repr__(self) -> str:
+        return (f"LlavaDataset(samples={len(self)}, skipped={self.skipped}, template={self.template.name!r}, "
+                f"num_image_tokens={self.num_image_tokens}, image_size={self.image_processor.size}, "
+                f"max_length={self.max_length})")
+
+
+def _load_records(data: Any) -> tuple[list[Any], Path]:
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise MixresError(f"data has to be a LLaVA JSON file or a list of samples, but {str(path)!r} is no file")
+        records = json.loads(path.read_text())
+        source = path.parent
+    else:
+        records, source = data, Path.cwd()
+    if not isinstance(records, list):
+        raise MixresError(f"data has to hold a list of samples, but got {type(records).__name__}")
+    return records, source
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# collator
+
+
+@dataclass(frozen=True)
+class LlavaCollator:
+    """Batch :class:`LlavaDataset` items: right-pad text, stack images.
+
+    Returns ``input_ids`` and ``labels`` (``LongTensor[B, L]``, padded with ``pad_token_id`` and
+    ``-100``), ``attention_mask`` (``LongTensor[B, L]``, 1 on real tokens) and, if any sample
+    has an image, ``pixel_values``:
+
+    - ``text_only_images="drop"``: ``FloatTensor[n_images, 3, S, S]`` of the image samples in
+      batch order (HF LLaVA: the *i*-th image fills the *i*-th run of image tokens);
+    - ``"zeros"``: ``FloatTensor[B, 3, S, S]``, zeros for text-only samples (original LLaVA).
+
+    Args:
+        pad_token_id: id used to pad ``input_ids`` (masked by ``attention_mask`` anyway).
+        text_only_images: ``"drop"`` or ``"zeros"``.
+        image_size: ``S``, needed by ``"zeros"`` for a batch without any image.
+        return_image_flags: add ``image_flags`` (``BoolTensor[B]``, True where a sample has an image).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+    """
+
+    pad_token_id: int
+    text_only_images: TextOnlyImages = "drop"
+    image_size: int | None = None
+    return_image_flags: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise TypeError(f"pad_token_id has to be an int, but got {self.pad_token_id!r}")
+        check_choice("text_only_images", self.text_only_images, TEXT_ONLY_IMAGES)
+        if self.pad_to_multiple_of is not None:
+            check_positive_int("pad_to_multiple_of", self.pad_to_multiple_of)
+
+    @classmethod
+    def from_dataset(cls, dataset: LlavaDataset, **kwargs: Any) -> LlavaCollator:
+        """A collator with the dataset's pad token (or unk, as LLaVA for LLaMA) and image size."""
+        tok = dataset.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(tok, "unk_token_id", None)
+        if pad is None:
+            raise MixresError("the tokenizer has neither pad_token_id nor unk_token_id; pass pad_token_id yourself")
+        return cls(pad, **dict(dict(image_size=dataset.image_processor.size), **kwargs))
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise MixresError("cannot collate an empty batch")
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": _pad([f["input_ids"] for f in features], length, self.pad_token_id),
+            "labels": _pad([f["labels"] for f in features], length, IGNORE_INDEX),
+            "attention_mask": _pad([torch.ones(len(f["input_ids"]), dtype=torch.long) for f in features], length, 0),
+        }
+        flags = [f.get("pixel_values") is not None for f in features]
+        pixels = self._pixels(features, flags)
+        if pixels is not None:
+            batch["pixel_values"] = pixels
+        if self.return_image_flags:
+            batch["image_flags"] = torch.tensor(flags, dtype=torch.bool)
+        return batch
+
+    def _pixels(self, features: Sequence[Mapping[str, Any]], flags: list[bool]) -> torch.Tensor | None:
+        images = [f["pixel_values"] for f, has in zip(features, flags) if has]
+        if self.text_only_images == "drop":
+            return torch.stack(images) if images else None
+        if not images and self.image_size is None:
+            raise MixresError("text_only_images='zeros' needs image_size for a batch without images")
+        shape = images[0].shape if images else (3, self.image_size, self.image_size)
+        zeros = torch.zeros(shape, dtype=images[0].dtype if images else torch.float32)
+        return torch.stack([f["pixel_values"] if has else zeros for f, has in zip(features, flags)])
+
+
+def _pad(rows: Sequence[Any], length: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for k, row in enumerate(rows):
+        out[k, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
