@@ -40,7 +40,8 @@ def llava_hr_injections(num_blocks: int, fusion: Mapping[str, Any], map_stage: i
     """Injections after blocks L/4, L/2 and 3L/4 (6, 12, 18 of 24), as LLaVA-HR places them.
 
     Example:
-        >>> [i["after_block"] for i in llava_hr_injections(24, {"name": "mr_adapter"})]
+        >>> blocks = [i["after_block"] for i in llava_hr_injections(24, {"name": "mr_adapter"})]
+        >>> blocks
         [6, 12, 18]
     """
     if num_blocks % 4:

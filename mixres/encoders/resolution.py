@@ -56,7 +56,8 @@ def vit_input_size(
         native_size: the ViT's native ``(h, w)``, the default ``min_size``.
 
     Example:
-        >>> [vit_input_size({"policy": "llava_hr"}, (r, r), 14, (336, 336))[0] for r in (384, 768, 1024, 1536)]
+        >>> sides = [vit_input_size({"policy": "llava_hr"}, (r, r), 14, (336, 336))[0] for r in (384, 768, 1024, 1536)]
+        >>> sides
         [336, 336, 448, 672]
     """
     policy = check_policy(policy)
