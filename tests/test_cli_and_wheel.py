@@ -50,9 +50,12 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
     out = subprocess.run([str(venv / "bin" / "mixres"), "list"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "mr_adapter" in out
-    if (ROOT / "integrations").exists():
-        res = subprocess.run([str(py), "-c", "import mixres.integrations"], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
+    code = ("import mixres.integrations, mixres.integrations.hf, mixres.integrations.llava; "
+            "from mixres.integrations.hf import mrify; from mixres.integrations.llava import generate_dataset; "
+            "print(mixres.integrations.__file__)")
+    res = subprocess.run([str(py), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert str(venv) in res.stdout
 
 
 def test_unknown_subcommand_exits_nonzero():

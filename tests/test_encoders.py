@@ -177,3 +177,28 @@ def test_full_size_presets(name, tokens):
     with torch.no_grad():
         out, grid = enc(torch.randn(1, 3, *size))
     assert out.shape == (1, tokens, 1024)
+
+
+def test_local_backbone_weights(tmp_path):
+    """pretrained={"token_pathway": ViT directory, "map_pathway": CNN checkpoint} loads both."""
+    transformers = pytest.importorskip("transformers")
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VIT))
+    clip.save_pretrained(tmp_path / "vit")
+    cnn = timm.create_model("convnext_atto", **TINY_CNN)
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(tmp_path / "cnn.safetensors"))
+    enc = mixres.create_encoder(
+        "llava-hr-tiny", pretrained={"token_pathway": tmp_path / "vit", "map_pathway": tmp_path / "cnn.safetensors"}
+    )
+    ours = dict(enc.token_pathway.named_parameters())
+    for name, p in clip.named_parameters():
+        match = [v for k, v in ours.items() if k.endswith(name)]
+        assert len(match) == 1 and torch.equal(match[0], p), name
+    assert torch.equal(enc.map_pathway.model.stem[0].weight, cnn.stem[0].weight)
+    with pytest.raises(ConfigError, match="'token_pathway' and 'map_pathway'"):
+        mixres.create_encoder("llava-hr-tiny", pretrained={"vit": tmp_path / "vit"})
+    with pytest.raises(WeightsError):
+        mixres.create_encoder("llava-hr-tiny", pretrained={"map_pathway": tmp_path / "missing.safetensors"})
