@@ -262,14 +262,14 @@ def test_image_size_defaults():
 def test_llava_next_preset():
     import inspect
 
-    cfg = mixres.ENCODERS.resolve("anyres_672")
+    cfg = mixres.ENCODERS.resolve("llava-next-anyres-672")
     assert cfg["pinpoints"] == [[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]
     assert cfg["tile_size"] == 336 and cfg["encoder"]["select_layer"] == -2
     hf_args = inspect.signature(mixres.PATHWAYS.get_class(cfg["encoder"]["name"])).parameters
     assert set(cfg["encoder"]) - {"kind", "name"} <= set(hf_args)
     # the policy with a cheap stand-in for the ViT: 336 px tiles, 48 px patches -> 7x7 tokens
     stand_in = {"kind": "pathway", "name": "test_anyres_patchify", "dim": 2, "patch_size": 48, "image_size": 336}
-    enc = mixres.build({"kind": "encoder", "name": "anyres_672", "encoder": stand_in})
+    enc = mixres.build({"kind": "encoder", "name": "llava-next-anyres-672", "encoder": stand_in})
     out = enc([torch.randn(3, 600, 800)])[0]
     # 672x672, 2x2 tiles -> 14x14, unpadded to 10 rows (int(600 * 14 / 800) = 10) -> 49 + 10 * 15
     assert out.shape == (49 + 10 * 15, 2) == (enc.num_tokens((600, 800)), 2)

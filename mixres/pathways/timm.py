@@ -68,10 +68,6 @@ def create_timm_model(model_name: str, model_kwargs: Mapping[str, Any] | None = 
         raise ConfigError(f"timm model {model_name!r} does not take model_kwargs {sorted(kwargs)}: {err}") from None
 
 
-def _tensor_ids(module: nn.Module) -> dict[str, int]:
-    return {k: id(v) for k, v in module.state_dict(keep_vars=True).items()}
-
-
 def _out_indices(out_indices: Sequence[int] | None, num: int) -> tuple[int, ...]:
     if out_indices is None:
         return tuple(range(num))
@@ -97,11 +93,11 @@ def prune_and_load(
     Checkpoint keys of what ``prune`` dropped (a head, trailing stages) are skipped; every kept
     key has to be present with its shape (:func:`~mixres.pathways._weights.load_into`).
     """
-    before = _tensor_ids(model)
+    before = model.state_dict(keep_vars=True)  # holds the tensors, so their ids stay unique
     kept_module = prune(model)
-    kept = set(_tensor_ids(kept_module).values())
+    kept = {id(t) for t in kept_module.state_dict(keep_vars=True).values()}
     if state_dict is not None:
-        load_into(model, state_dict, source, ignore=[k for k, i in before.items() if i not in kept])
+        load_into(model, state_dict, source, ignore=[k for k, t in before.items() if id(t) not in kept])
     return kept_module
 
 
