@@ -39,9 +39,9 @@ from .._utils import lazy_import
 from ..errors import ConfigError, UnknownNameError
 from ..grid import resample_pos_embed
 from ..registry import register_pathway
+from ._vit import _StackedViT
 from ._weights import load_into, load_state_dict_file, strip_prefix
 from .base import check_images
-from .hf import _StackedViT
 from .timm import _TimmMaps, feature_backbone
 
 __all__ = ["OpenCLIPViTPathway", "OpenCLIPConvNeXtPathway", "open_clip_model_config", "build_open_clip_visual"]

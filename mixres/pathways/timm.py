@@ -31,9 +31,9 @@ from torch import nn
 from .._utils import lazy_import
 from ..errors import ConfigError, UnknownNameError
 from ..registry import register_pathway
+from ._vit import _StackedViT
 from ._weights import load_into, load_state_dict_file
 from .base import MapPathway, check_images
-from .hf import _StackedViT
 
 __all__ = ["TimmViTPathway", "TimmMapPathway", "create_timm_model", "feature_backbone", "prune_and_load", "forward_maps"]
 
