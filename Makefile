@@ -27,7 +27,7 @@ docs: venv
 	$(BIN)/mkdocs build --strict
 
 lint: venv
-	$(BIN)/ruff check mixres tests
+	$(BIN)/ruff check mixres integrations benchmarks tests
 
 clean:
 	rm -rf $(VENV) site build dist *.egg-info

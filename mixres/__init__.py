@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from . import anyres, compressors, grid, multiscale
 from .compressors import CAbstractor, Compressor, TokenPacker
+from .encoders import Encoder
 from .encoders.anyres import AnyResEncoder
 from .encoders.dual import DualPathwayEncoder
-from .encoders.s2 import S2Encoder
-from .multiscale import s2_forward
-from .errors import ConfigError, MixresError, ShapeError, UnknownNameError, WeightsError
-from .encoders import Encoder
 from .encoders.factory import create_encoder
+from .encoders.s2 import S2Encoder
+from .errors import ConfigError, MixresError, ShapeError, UnknownNameError, WeightsError
 from .fusions import Fusion, MRAdapter, MRFinalFusion
 from .grid import map_to_tokens, resample, resample_pos_embed, tokens_to_map
+from .multiscale import s2_forward
 from .pathways import MapPathway, TokenPathway
 from .projectors import IdentityProjector, LinearProjector, MLPProjector
 from .registry import (

@@ -97,8 +97,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _import_all() -> None:
     """Import the modules whose import registers entries (cheap: no heavy backbones)."""
-    import mixres  # noqa: F401
     import importlib
+
+    import mixres  # noqa: F401
 
     for mod in ("mixres.encoders", "mixres.presets"):
         try:

@@ -13,6 +13,17 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+import mixres  # noqa: E402
 from mixres.integrations.hf import (  # noqa: E402
     ImageInputError,
     MixresVisionConfig,
@@ -28,17 +39,6 @@ from mixres.integrations.hf import (  # noqa: E402
     reference_pixel_values,
 )
 from mixres.integrations.hf.tiny import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_paligemma  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
-
-import mixres  # noqa: E402
 
 SIZE = 64  # high-res side: the ConvNeXt map is 2x2, the ViT reads 16 px (its native size)
 MAP = {"name": "timm_map", "model_name": "convnext_atto", "out_indices": [-1]}
@@ -270,12 +270,12 @@ def _release_checkpoint(directory, encoder, projector, llm):
     """Write a tiny checkpoint in the official LLaVA-HR layout (LlavaLlamaForCausalLM keys)."""
     import json
 
-    from mixres.integrations.hf.tiny import WORDS
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from mixres.fusions.mr_adapter import OFFICIAL_KEYS
+    from mixres.integrations.hf.tiny import WORDS
 
     release = {ours: theirs for theirs, ours in OFFICIAL_KEYS.items()}
     prefixes = {"token_pathway.model.": "model.vision_tower.fast_vision_tower.vision_tower.vision_model.",
@@ -331,8 +331,9 @@ def test_convert_official_llava_hr_checkpoint(tmp_path):
 
 def test_llava_with_a_siglip_tower_keeps_its_features():
     """LLaVA reads SigLIP's hidden_states (no post-norm), PaliGemma its last_hidden_state (post-norm)."""
-    from mixres.integrations.hf.tiny import _llama
     from transformers import SiglipVisionConfig
+
+    from mixres.integrations.hf.tiny import _llama
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                                 image_size=16, patch_size=4, vision_use_head=False)

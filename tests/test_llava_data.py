@@ -10,6 +10,9 @@ import random
 import pytest
 import torch
 import transformers
+from PIL import Image
+
+from mixres.errors import MixresError, UnknownNameError
 from mixres.integrations.llava import (
     ANSWERS,
     CLIP_MEAN,
@@ -29,9 +32,6 @@ from mixres.integrations.llava import (
     make_example,
     synthetic,
 )
-from PIL import Image
-
-from mixres.errors import MixresError, UnknownNameError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
