@@ -71,3 +71,10 @@ register_encoder_preset(
     "llava-hr-tiny-lowres",
     {**llava_hr_config(96, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN), "injections": [], "final_fusion": None},
 )
+# baseline for the toy effect benchmark: the tiny ViT alone reading 64 px (16x16 = 256 tokens,
+# 4x llava-hr-tiny's 64), no fusions; the CNN is frozen and its maps are not used
+register_encoder_preset(
+    "llava-hr-tiny-vit-hr",
+    {**llava_hr_config(256, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN),
+     "injections": [], "final_fusion": None, "resolution": {"policy": "fixed", "size": 64}, "freeze": ["map_pathway"]},
+)
