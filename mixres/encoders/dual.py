@@ -200,7 +200,7 @@ class DualPathwayEncoder(Encoder):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode ``images (Tensor[B, 3, H, W])`` into ``(tokens (Tensor[B, h*w, out_dim]), (h, w))``."""
         self._check_images(images)
-        maps = self.run_maps(images)
+        maps = self.run_maps(images) if self.adapters or self.final_fusion is not None else []
         tp = self.token_pathway
         x, grid = tp.embed(self.vit_images(images))
         p = tp.num_prefix_tokens
