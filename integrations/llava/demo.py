@@ -45,10 +45,10 @@ _QUICK = dict(num_train=24, num_test=6, steps=(2, 2), batch_size=4)
 _STAGE2_LR = 2e-3  # the tiny models start from random weights: a larger step than the 7B recipe's 2e-5
 
 
-def _training_args(out: Path, stage: int, steps: int, batch_size: int, lr: float | None) -> TrainingArguments:
+def _training_args(out: Path, stage: int, steps: int, batch_size: int, lr: float | None, seed: int = 0) -> TrainingArguments:
     values = {k: v for k, v in load_recipe(f"tiny-stage{stage}").items() if k in TrainingArguments.__dataclass_fields__}
     values.update(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, save_strategy="no",
-                  logging_steps=max(1, steps // 4), disable_tqdm=True, report_to="none")
+                  logging_steps=max(1, steps // 4), disable_tqdm=True, report_to="none", seed=seed)
     if lr is not None:
         values["learning_rate"] = lr
     return TrainingArguments(**values)
@@ -64,21 +64,25 @@ def _score(model: Any, tokenizer: Any, test: Path, template: str) -> dict[str, A
 
 
 def run_variant(name: str, preset: str, sizes: tuple[int, int], data: dict[str, Path], out: Path,
-                steps: tuple[int, int], batch_size: int) -> dict[str, Any]:
-    """Stage 1 then stage 2 for one encoder; accuracy before, after stage 1 and after stage 2."""
+                steps: tuple[int, int], batch_size: int, seed: int = 0, **recipe: Any) -> dict[str, Any]:
+    """Stage 1 then stage 2 for one encoder; accuracy before, after stage 1 and after stage 2.
+
+    ``seed`` sets the initialisation and the data order of both stages (the data stay the same);
+    ``recipe`` overrides recipe arguments of both stages (e.g. ``max_length``).
+    """
     start = time.perf_counter()
-    common = dict(vision_preset=preset, eval_data_path=None, vocab_data=str(data["train"]))
+    common = dict(vision_preset=preset, eval_data_path=None, vocab_data=str(data["train"]), **recipe)
     s1 = _recipe(1, image_size=sizes[0], data_path=str(data["train_stage1"]), **common)
-    transformers.set_seed(0)  # as train() seeds before it builds: this is the model stage 1 starts from
+    transformers.set_seed(seed)  # as train() seeds before it builds: this is the model stage 1 starts from
     model, tokenizer = build_model(s1)
     set_image_size(model, sizes[1])
     before = _score(model, tokenizer, data["test"], "vicuna_v1")
     tokens = {}
-    stage1 = train(s1, _training_args(out / f"{name}-stage1", 1, steps[0], batch_size, None))
+    stage1 = train(s1, _training_args(out / f"{name}-stage1", 1, steps[0], batch_size, None, seed))
     tokens["stage1"] = int(stage1.model.config.vision_config.num_image_tokens)
     after1 = _score(stage1.model, tokenizer, data["test"], "plain")
     s2 = _recipe(2, image_size=sizes[1], data_path=str(data["train"]), model=str(out / f"{name}-stage1"), **common)
-    stage2 = train(s2, _training_args(out / f"{name}-stage2", 2, steps[1], batch_size, _STAGE2_LR))
+    stage2 = train(s2, _training_args(out / f"{name}-stage2", 2, steps[1], batch_size, _STAGE2_LR, seed))
     tokens["stage2"] = int(stage2.model.config.vision_config.num_image_tokens)
     after2 = _score(stage2.model, stage2.processing_class, data["test"], "vicuna_v1")
     return {

@@ -239,7 +239,8 @@ def make_example(
 
     Example:
         >>> ex = make_example(random.Random(0), image_size=512)
-        >>> ex.image.size, ex.turns[0][1] in ANSWERS
+        >>> question, answer = ex.turns[0]
+        >>> ex.image.size, answer in ANSWERS
         ((512, 512), True)
     """
     if text_only:
@@ -304,10 +305,10 @@ def generate_dataset(
     """Write a synthetic fine-detail VQA dataset in LLaVA's conversation format.
 
     Writes ``out_dir/images/{train,test}-NNNNNN.png``, ``out_dir/train.json`` and
-    ``out_dir/test.json``; each JSON is a list of
-    ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
-    {"from": "gpt", "value": "..."}], "meta"}`` where ``"image"`` is relative to ``out_dir``
-    and ``"meta"`` (task, region, bbox, detail_px; ignored by LLaVA loaders) helps scoring.
+    ``out_dir/test.json``; each JSON is a list of records with the keys ``id``, ``image``,
+    ``conversations`` (alternating ``human`` / ``gpt`` turns, the first human turn starting with
+    ``<image>``) and ``meta``, as in LLaVA's ``llava_v1_5_mix665k.json``; ``image`` is relative
+    to ``out_dir`` and ``meta`` (task, region, bbox, detail_px; ignored by LLaVA loaders) helps scoring.
     ``round(num_train * text_only_fraction)`` training samples are text-only (no ``"image"``);
     about a third of the image training samples have a second turn. Test samples are single-turn
     image questions. Output is byte-identical for a given seed.
@@ -330,7 +331,9 @@ def generate_dataset(
     Example:
         >>> import tempfile
         >>> paths = generate_dataset(tempfile.mkdtemp(), num_train=2, num_test=1, image_size=512)
-        >>> json.loads(paths.test_json.read_text())[0]["conversations"][0]["value"].startswith("<image>")
+        >>> records = json.loads(paths.test_json.read_text())
+        >>> turn = records.pop(0).get("conversations").pop(0)
+        >>> turn.get("value").startswith("<image>")
         True
     """
     _check_args(num_train, num_test, image_size, detail_px, text_only_fraction)
