@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixres
-from mixres import ConfigError, MixresError, ShapeError, TokenPathway
+from mixres import ConfigError, MixresError, ShapeError
 from mixres.anyres import (
     LLAVA_NEXT_PINPOINTS,
     add_newline,
@@ -24,25 +24,7 @@ from mixres.anyres import (
 )
 from mixres.encoders.anyres import AnyResEncoder
 from mixres.encoders.s2 import S2Encoder
-
-
-@mixres.register_pathway("test_anyres_patchify", override=True)
-class Patchify(TokenPathway):
-    """A patch-local stand-in ViT: a patchify conv, no blocks."""
-
-    def __init__(self, dim: int = 6, patch_size: int = 4, image_size: int = 16):
-        super().__init__()
-        self.dim, self.patch_size, self.image_size = dim, patch_size, (image_size, image_size)
-        self.num_blocks, self.num_prefix_tokens, self.select_layer = 0, 0, -1
-        self.proj = torch.nn.Conv2d(3, dim, patch_size, stride=patch_size)
-
-    def embed(self, images):
-        x = self.proj(images)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-
-    def run_blocks(self, x, start, end):
-        return x
-
+from mixres.pathways.patchify import PatchifyPathway as Patchify  # noqa: E402  (patch-local by design)
 
 SMALL_PINPOINTS = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]  # LLaVA-NeXT's shapes at tile 16
 
@@ -184,13 +166,13 @@ def test_wraps_an_encoder_and_round_trips():
     out = enc([torch.randn(3, 30, 60)])[0]
     assert out.shape == (enc.num_tokens((30, 60)), 4)
     cfg = json.loads(json.dumps(enc.config))
-    assert cfg["encoder"]["name"] == "s2" and cfg["encoder"]["pathway"]["name"] == "test_anyres_patchify"
+    assert cfg["encoder"]["name"] == "s2" and cfg["encoder"]["pathway"]["name"] == "patchify"
     again = mixres.build(cfg)
     assert again.config == enc.config
     again.load_state_dict(enc.state_dict())
     image = torch.randn(3, 40, 17)
     assert torch.equal(again([image])[0], enc([image])[0])
-    by_config = AnyResEncoder({"kind": "pathway", "name": "test_anyres_patchify", "dim": 5}, [[32, 32]])
+    by_config = AnyResEncoder({"kind": "pathway", "name": "patchify", "dim": 5}, [[32, 32]])
     assert by_config.tile_size == 16 and by_config.out_dim == 5
 
 
@@ -268,7 +250,7 @@ def test_llava_next_preset():
     hf_args = inspect.signature(mixres.PATHWAYS.get_class(cfg["encoder"]["name"])).parameters
     assert set(cfg["encoder"]) - {"kind", "name"} <= set(hf_args)
     # the policy with a cheap stand-in for the ViT: 336 px tiles, 48 px patches -> 7x7 tokens
-    stand_in = {"kind": "pathway", "name": "test_anyres_patchify", "dim": 2, "patch_size": 48, "image_size": 336}
+    stand_in = {"kind": "pathway", "name": "patchify", "dim": 2, "patch_size": 48, "image_size": 336}
     enc = mixres.build({"kind": "encoder", "name": "llava-next-anyres-672", "encoder": stand_in})
     out = enc([torch.randn(3, 600, 800)])[0]
     # 672x672, 2x2 tiles -> 14x14, unpadded to 10 rows (int(600 * 14 / 800) = 10) -> 49 + 10 * 15

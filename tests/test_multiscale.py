@@ -9,27 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixres
-from mixres import MixresError, ShapeError, TokenPathway
+from mixres import MixresError, ShapeError
 from mixres.encoders.s2 import S2Encoder
 from mixres.multiscale import merge_chessboard, s2_forward, split_chessboard
-
-
-@mixres.register_pathway("test_s2_patchify", override=True)
-class Patchify(TokenPathway):
-    """A patch-local stand-in ViT: a patchify conv, no blocks (what the real pathways embed)."""
-
-    def __init__(self, dim: int = 8, patch_size: int = 4, image_size=(16, 16)):
-        super().__init__()
-        self.dim, self.patch_size, self.image_size = dim, patch_size, tuple(image_size)
-        self.num_blocks, self.num_prefix_tokens, self.select_layer = 0, 0, -1
-        self.proj = torch.nn.Conv2d(3, dim, patch_size, stride=patch_size)
-
-    def embed(self, images):
-        x = self.proj(images)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-
-    def run_blocks(self, x, start, end):
-        return x
+from mixres.pathways.patchify import PatchifyPathway as Patchify  # noqa: E402  (patch-local by design)
 
 
 def _tokens_model(conv):
@@ -209,7 +192,7 @@ def test_encoder_single_scale_is_the_pathway():
 
 
 def test_encoder_config_round_trip_and_gradients():
-    enc = S2Encoder({"name": "test_s2_patchify", "dim": 3}, scales=[16, [32, 32]], merge="sum")
+    enc = S2Encoder({"name": "patchify", "dim": 3}, scales=[16, [32, 32]], merge="sum")
     cfg = json.loads(json.dumps(enc.config))
     assert cfg["kind"] == "encoder" and cfg["name"] == "s2"
     again = mixres.build(cfg)
@@ -218,7 +201,7 @@ def test_encoder_config_round_trip_and_gradients():
     x = torch.randn(1, 3, 20, 20)
     assert torch.equal(again(x)[0], enc(x)[0])
     from_module = S2Encoder(Patchify(dim=3), scales=[16])
-    assert from_module.config["pathway"]["name"] == "test_s2_patchify"
+    assert from_module.config["pathway"]["name"] == "patchify"
     enc(x)[0].square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
     assert "scales=[(16, 16), (32, 32)]" in repr(enc)

@@ -105,19 +105,7 @@ class AnyResEncoder(Encoder):
         -> a list of ``Tensor[N_i, out_dim]`` with ``N_i = num_tokens((H_i, W_i))``.
 
     Example:
-        >>> import mixres
-        >>> @mixres.register_pathway("doc_patchify", override=True)
-        ... class Patchify(mixres.TokenPathway):  # a stand-in ViT: 16 px, 4x4 patches, no blocks
-        ...     def __init__(self, dim: int = 8):
-        ...         super().__init__()
-        ...         self.dim, self.patch_size, self.image_size = dim, 4, (16, 16)
-        ...         self.num_blocks, self.num_prefix_tokens, self.select_layer = 0, 0, -1
-        ...         self.proj = torch.nn.Conv2d(3, dim, 4, stride=4)
-        ...     def embed(self, images):
-        ...         x = self.proj(images)
-        ...         return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-        ...     def run_blocks(self, x, start, end):
-        ...         return x
+        >>> from mixres.pathways.patchify import PatchifyPathway as Patchify  # a zero-block ViT
         >>> enc = AnyResEncoder(Patchify(), pinpoints=[[16, 32], [32, 16], [32, 32]])
         >>> out = enc([torch.randn(3, 20, 40), torch.randn(3, 50, 45)])
         >>> [o.shape for o in out], [enc.num_tokens((20, 40)), enc.num_tokens((50, 45))]

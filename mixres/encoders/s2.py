@@ -50,19 +50,7 @@ class S2Encoder(Encoder):
         for every input size.
 
     Example:
-        >>> import mixres
-        >>> @mixres.register_pathway("doc_patchify", override=True)
-        ... class Patchify(mixres.TokenPathway):  # a stand-in ViT: 16 px, 4x4 patches, no blocks
-        ...     def __init__(self, dim: int = 8):
-        ...         super().__init__()
-        ...         self.dim, self.patch_size, self.image_size = dim, 4, (16, 16)
-        ...         self.num_blocks, self.num_prefix_tokens, self.select_layer = 0, 0, -1
-        ...         self.proj = torch.nn.Conv2d(3, dim, 4, stride=4)
-        ...     def embed(self, images):
-        ...         x = self.proj(images)
-        ...         return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-        ...     def run_blocks(self, x, start, end):
-        ...         return x
+        >>> from mixres.pathways.patchify import PatchifyPathway as Patchify  # a zero-block ViT
         >>> enc = S2Encoder(Patchify(), scales=[16, 32])  # 1 + 4 sub-images of 16 px
         >>> tokens, grid = enc(torch.randn(2, 3, 32, 32))
         >>> tokens.shape, grid, enc.out_dim, enc.num_tokens(1000)
