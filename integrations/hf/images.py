@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..llava.data import expand2square
 from .errors import ImageInputError
 
 __all__ = [
@@ -100,13 +101,7 @@ def pad_to_square(image: Image.Image, mean: Sequence[float] = OPENAI_CLIP_MEAN) 
         >>> pad_to_square(Image.new("RGB", (30, 10))).size
         (30, 30)
     """
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+    return expand2square(image, tuple(int(m * 255) for m in mean))
 
 
 def reference_pixel_values(
