@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..llava.data import expand2square
 from .errors import ImageInputError
@@ -40,8 +41,6 @@ __all__ = [
 # for the channel axis by transformers' channel-format inference
 MIN_IMAGE_SIDE = 8
 CONVERTIBLE_MODES: tuple[str, ...] = ("RGB", "RGBA", "RGBX", "LA", "PA", "L", "1", "P", "CMYK", "YCbCr")
-OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 def check_image(image: object, index: int = 0, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:

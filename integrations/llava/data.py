@@ -58,6 +58,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# CLIP's normaliser (transformers' OPENAI_CLIP_MEAN / _STD), repeated so this module needs no transformers
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100
