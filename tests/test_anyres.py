@@ -29,20 +29,6 @@ from mixres.pathways.patchify import PatchifyPathway as Patchify  # noqa: E402  
 SMALL_PINPOINTS = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]  # LLaVA-NeXT's shapes at tile 16
 
 
-def _release_select(original_wh, resolutions_wh):
-    """The release's select_best_resolution, in its own (width, height) terms (starting from -1
-    rather than 0, so that it picks a pinpoint where the release returns None)."""
-    ow, oh = original_wh
-    best, best_eff, best_waste = None, -1, float("inf")
-    for w, h in resolutions_wh:
-        scale = min(w / ow, h / oh)
-        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
-        waste = w * h - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (w, h), eff, waste
-    return best
-
-
 # -- select_best_resolution ----------------------------------------------------------------------
 def test_select_best_resolution_hand_cases():
     # 800x600 (w x h): 672x672 keeps 672*504 = 338688 px; the 2:1 pinpoints keep 448*336 at most
@@ -57,10 +43,16 @@ def test_select_best_resolution_hand_cases():
 
 
 @given(h=st.integers(1, 3000), w=st.integers(1, 3000))
-def test_select_best_resolution_agrees_with_the_release_convention(h, w):
-    release_wh = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
-    bw, bh = _release_select((w, h), release_wh)
-    assert select_best_resolution((h, w), LLAVA_NEXT_PINPOINTS) == (bh, bw)
+def test_select_best_resolution_agrees_with_transformers(h, w):
+    """The same rule as transformers' LLaVA-NeXT select_best_resolution, on the same (h, w) list
+    (ours also picks a pinpoint where every one keeps 0 px and transformers returns None)."""
+    theirs = pytest.importorskip("transformers.image_processing_utils").select_best_resolution
+    expected = theirs((h, w), [tuple(p) for p in LLAVA_NEXT_PINPOINTS])
+    ours = select_best_resolution((h, w), LLAVA_NEXT_PINPOINTS)
+    if expected is None:
+        assert ours in [tuple(p) for p in LLAVA_NEXT_PINPOINTS]
+    else:
+        assert ours == tuple(expected)
 
 
 # -- tile / untile / resize_and_pad --------------------------------------------------------------
