@@ -54,6 +54,9 @@ __all__ = [
     "save_converted",
     "load_converted",
     "convert_checkpoint",
+    "resolve_encoder_config",
+    "checkpoint_dtype",
+    "DTYPES",
     "atomic_directory",
     "check_destination",
 ]
@@ -461,12 +464,14 @@ def load_converted(src: str | Path, dtype: torch.dtype | None = None) -> tuple[n
     return modules[0], modules[1]
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MISSING_EFFECT = ("they keep the values the preset was built with (random init; ConvNeXt layer scales at timm's 1e-6), "
                    "so the features differ from the release's")
 
 
-def _encoder_config(preset: str | Mapping[str, Any] | None, src: Path, official: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_encoder_config(preset: str | Mapping[str, Any] | None, src: Path, official: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder config (no ``kind``, no hub ``weights``) from a preset name, a config dict,
+    a ``.json`` file holding one, or (``None``) the release config via :func:`preset_for`."""
     from .registry import ENCODERS
 
     if isinstance(preset, Mapping):
@@ -480,7 +485,8 @@ def _encoder_config(preset: str | Mapping[str, Any] | None, src: Path, official:
     return config
 
 
-def _checkpoint_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+def checkpoint_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most of the elements (``float32`` if there is none)."""
     counts: dict[torch.dtype, int] = {}
     for v in tensors.values():
         if v.is_floating_point():
@@ -526,16 +532,16 @@ def convert_checkpoint(
 
     src = Path(src).expanduser()
     dst = check_destination(dst, overwrite=overwrite, marker=CONFIG_NAME)
-    if isinstance(dtype, str) and dtype not in _DTYPES:
-        raise WeightsError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise WeightsError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     official = read_json(src / "config.json", "release config") if (src / "config.json").is_file() else {}
     state = read_checkpoint(src, keep=("model.vision_tower.", "model.mm_projector."))
     projector_cfg = projector_from_checkpoint(state)
     if llm_dim is not None and llm_dim != projector_cfg["out_dim"]:
         raise WeightsError(f"--llm-dim {llm_dim} does not match the checkpoint, whose projector maps to "
                            f"{projector_cfg['out_dim']} (model.mm_projector.* shapes); leave --llm-dim out")
-    target = _DTYPES[dtype] if isinstance(dtype, str) else (dtype or _checkpoint_dtype(state))
-    encoder = build({"kind": "encoder", **_encoder_config(preset, src, official)}).to(target)
+    target = DTYPES[dtype] if isinstance(dtype, str) else (dtype or checkpoint_dtype(state))
+    encoder = build({"kind": "encoder", **resolve_encoder_config(preset, src, official)}).to(target)
     if projector_cfg["in_dim"] != encoder.out_dim:
         raise WeightsError(f"the checkpoint's projector reads width {projector_cfg['in_dim']}, but the preset's encoder "
                            f"gives {encoder.out_dim}: is the preset the checkpoint's?")
