@@ -136,7 +136,8 @@ def test_kill_9_at_random_points_never_leaves_a_wrong_or_stray_state(tmp_path):
         if trial % 4 < 2:  # anywhere in the run, past its end too (some finish)
             time.sleep(rng.uniform(0, 1.5 * duration))
         else:  # inside the write: once its temporary directory exists, within the next 50 ms
-            _wait_for(lambda: any(p.name.startswith(f".{dst.name}.mixres-tmp-") for p in work.iterdir()), pid)
+            tmp_prefix = f".{dst.name}.mixres-tmp-"
+            _wait_for(lambda: any(p.name.startswith(tmp_prefix) for p in work.iterdir()), pid)  # noqa: B023
             time.sleep(rng.uniform(0, 0.05))
         try:
             os.kill(pid, signal.SIGKILL)
