@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .data import ImagePreprocessor, tokenize_conversation
+from .data import tokenize_conversation
 from .synthetic import exact_match
 from .templates import Rendered, get_template
 from .tokenizer import IMAGE_TOKEN
@@ -30,15 +30,20 @@ def _prompt(record: Mapping[str, Any], template: Any, tokenizer: Any) -> Rendere
 @torch.no_grad()
 def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, template: str = "vicuna_v1",
             image_folder: str | os.PathLike[str] = ".", aspect_ratio: str = "pad", batch_size: int = 32,
-            max_new_tokens: int = 6) -> dict[str, str]:
+            max_new_tokens: int = 6, processor: Any = None) -> dict[str, str]:
     """Greedy answers to the first question of each record (LLaVA JSON), images as in training.
+
+    Images go through ``processor`` (the one saved with the model; default: the recipe's
+    :func:`~.model.processor_for`, which is what training used).
 
     Returns:
         ``{id: answer}``; an answer ends at the first end-of-turn or newline.
     """
     model.eval()
     vision = model.config.vision_config
-    prep = ImagePreprocessor(int(vision.image_size), aspect_ratio=aspect_ratio)
+    from .model import ProcessorImages, processor_for
+
+    prep = ProcessorImages(processor if processor is not None else processor_for(model, tokenizer, aspect_ratio))
     tpl, image_id = get_template(template), int(model.config.image_token_id)
     stops = [tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("\n")] if "\n" in tokenizer.get_vocab() else [])]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
