@@ -8,7 +8,7 @@ differences from the release are in :mod:`mixres.anyres`.
 Presets: ``llava-next-anyres-672``, LLaVA-NeXT's vision side (CLIP ViT-L/14-336 through ``hf_clip``,
 ``select_layer=-2``, tiles of 336 on :data:`mixres.anyres.HF_PINPOINTS`, transformers' reading and
 rounding), and ``llava-next-anyres-672-original`` (the original release's pinpoint order and
-rounding); pass ``encoder=`` to swap the inner encoder (its ``model_name_or_path`` to load weights).
+rounding); pass ``encoder=`` to swap the inner encoder (its ``weights`` to load weights).
 
 Unlike other encoders, the input is a list of images of different sizes and the output a list
 of token sequences of different lengths (base image tokens, then the unpadded tile map row by
@@ -166,6 +166,11 @@ class AnyResEncoder(Encoder):
             MixresError: always; use :meth:`num_tokens` or :meth:`layout`.
         """
         raise MixresError("AnyResEncoder output is not one grid (base tokens + tile rows); use num_tokens() or layout()")
+
+    def parts(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The inner encoder's parts (a bare pathway is ``token_pathway``), and ``newline``."""
+        inner = self.encoder.parts() if isinstance(self.encoder, Encoder) else {"token_pathway": self.encoder}
+        return {**inner, **({"newline": self.image_newline} if self.image_newline is not None else {})}
 
     def crops(self, image: torch.Tensor) -> tuple[torch.Tensor, AnyResLayout]:
         """The base image and the tiles of one ``image (Tensor[3, H, W])``: ``Tensor[1 + nh*nw, 3, t, t]``."""
