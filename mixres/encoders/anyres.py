@@ -5,10 +5,11 @@ Source: LLaVA-NeXT (Liu et al., blog, January 2024); ``process_anyres_image`` in
 ``llava/model/llava_arch.py`` of github.com/LLaVA-VL/LLaVA-NeXT. The tiling math and the
 differences from the release are in :mod:`mixres.anyres`.
 
-Presets: ``llava-next-anyres-672``, LLaVA-NeXT's vision side (CLIP ViT-L/14-336 through ``hf_clip``,
+Preset: ``llava-next-anyres-672``, LLaVA-NeXT's vision side (CLIP ViT-L/14-336 through ``hf_clip``,
 ``select_layer=-2``, tiles of 336 on :data:`mixres.anyres.HF_PINPOINTS`, transformers' reading and
-rounding), and ``llava-next-anyres-672-original`` (the original release's pinpoint order and
-rounding); pass ``encoder=`` to swap the inner encoder (its ``weights`` to load weights).
+rounding); the original release's order and rounding with the overrides
+``pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS], convention="llava_next"``; pass
+``encoder=`` to swap the inner encoder (its ``weights`` to load weights).
 
 Unlike other encoders, the input is a list of images of different sizes and the output a list
 of token sequences of different lengths (base image tokens, then the unpadded tile map row by
@@ -208,15 +209,11 @@ class AnyResEncoder(Encoder):
 
 register_encoder("anyres")(AnyResEncoder)
 # LLaVA-NeXT (v1.6): CLIP ViT-L/14-336, penultimate layer, CLS dropped after it ("patch"),
-# tiles of 336 on five pinpoints (up to 672x672, 1008x336, 336x1008): as transformers' llava_next
-# reads them (the default), or as the original release does ("-original": order and rounding)
+# tiles of 336 on five pinpoints (up to 672x672, 1008x336, 336x1008), as transformers' llava_next
+# reads and rounds them; the original release's: pinpoints=LLAVA_NEXT_PINPOINTS, convention="llava_next"
 _LLAVA_NEXT = {
     "name": "anyres",
     "encoder": {"kind": "pathway", "name": "hf_clip", "config": dict(CLIP_VIT_L_14_336), "select_layer": -2},
     "tile_size": 336,
 }
 register_encoder_preset("llava-next-anyres-672", {**_LLAVA_NEXT, "pinpoints": [list(p) for p in HF_PINPOINTS], "convention": "hf"})
-register_encoder_preset(
-    "llava-next-anyres-672-original",
-    {**_LLAVA_NEXT, "pinpoints": [list(p) for p in LLAVA_NEXT_PINPOINTS], "convention": "llava_next"},
-)
