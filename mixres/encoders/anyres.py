@@ -30,7 +30,6 @@ from torch import nn
 from .._utils import check_positive_int, to_2tuple
 from ..anyres import (
     HF_PINPOINTS,
-    LLAVA_NEXT_PINPOINTS,
     AnyResLayout,
     Convention,
     add_newline,
