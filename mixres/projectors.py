@@ -12,18 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._utils import check_positive_int
-from .errors import ShapeError
+from ._utils import check_like_parameters, check_positive_int
+from .errors import ConfigError, ShapeError
 from .registry import Configurable, register_projector, register_projector_preset
 
 __all__ = ["LinearProjector", "MLPProjector", "IdentityProjector"]
 
 
-def _check_width(x: torch.Tensor, in_dim: int, who: str) -> None:
+def _check_width(x: torch.Tensor, in_dim: int, who: str, module: nn.Module) -> None:
+    """Rank >= 2, width ``in_dim``, floating point, dtype and device of ``module``'s parameters."""
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ShapeError(f"{who} takes Tensor[..., {in_dim}], but got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[-1] != in_dim:
         raise ShapeError(f"{who} was built with in_dim={in_dim}, but the input has width {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise ShapeError(f"{who} takes floating-point tokens, but got dtype {x.dtype}")
+    check_like_parameters(module, tokens=x)
 
 
 class LinearProjector(Configurable, nn.Linear):
@@ -41,7 +45,7 @@ class LinearProjector(Configurable, nn.Linear):
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_width(x, self.in_dim, "linear projector")
+        _check_width(x, self.in_dim, "linear projector", self)
         return super().forward(x)
 
 
@@ -67,7 +71,7 @@ class MLPProjector(Configurable, nn.Sequential):
         self.in_dim, self.out_dim, self.depth = in_dim, out_dim, depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_width(x, self.in_dim, f"mlp{self.depth}x_gelu projector")
+        _check_width(x, self.in_dim, f"mlp{self.depth}x_gelu projector", self)
         return super().forward(x)
 
 
@@ -83,11 +87,11 @@ class IdentityProjector(Configurable, nn.Module):
         super().__init__()
         check_positive_int("in_dim", in_dim)
         if out_dim is not None and out_dim != in_dim:
-            raise ValueError(f"identity projector needs out_dim == in_dim ({in_dim}), but got {out_dim}")
+            raise ConfigError(f"identity projector needs out_dim == in_dim ({in_dim}), but got {out_dim}")
         self.in_dim = self.out_dim = in_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_width(x, self.in_dim, "identity projector")
+        _check_width(x, self.in_dim, "identity projector", self)
         return x
 
 
