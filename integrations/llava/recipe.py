@@ -73,6 +73,10 @@ class RecipeArguments:
             ``gradient_accumulation_steps`` from the batch per device and the world size.
         synthetic_samples: training samples of the synthetic data.
         synthetic_image_size: side in pixels of the synthetic images.
+        overwrite_output_dir: start a new run in an ``output_dir`` that already holds
+            ``checkpoint-*`` directories (refused otherwise; theirs are never rotated away).
+        allow_partial_resume: resume from a checkpoint without optimizer / scheduler / RNG
+            state (they start fresh, with a warning) instead of refusing it.
     """
 
     stage: int = 2
@@ -100,6 +104,8 @@ class RecipeArguments:
     global_batch_size: int | None = None
     synthetic_samples: int = 256
     synthetic_image_size: int = 256
+    overwrite_output_dir: bool = False
+    allow_partial_resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("trainable", "freeze", "lora"):
