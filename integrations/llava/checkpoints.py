@@ -20,6 +20,7 @@ Hashing costs one read of each checkpoint (about 1 s per GB); it runs on the mai
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -111,13 +112,15 @@ def _manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     return manifest, None
 
 
-def checkpoint_problem(folder: str | os.PathLike[str], run: str | None = None) -> str | None:
+def checkpoint_problem(folder: str | os.PathLike[str], run: str | None = None, *, partial: bool = False) -> str | None:
     """Why ``folder`` is not a complete checkpoint (of run ``run``, when given), or ``None``.
 
     Complete: the manifest is there, names ``run``, and every file it lists has its size and
-    SHA-256 (a file changed after saving, e.g. zeroed weights, fails).
+    SHA-256 (a file changed after saving, e.g. zeroed weights, fails). With ``partial``, a
+    missing optimizer / scheduler / RNG file is tolerated (the caller warns about it).
     """
     folder = Path(folder)
+    optional = [p for kind, p in STATE_FILES.items() if kind != "trainer state"] if partial else []
     manifest, problem = _manifest(folder)
     if manifest is None:
         return problem
@@ -126,6 +129,8 @@ def checkpoint_problem(folder: str | os.PathLike[str], run: str | None = None) -
     for name, meta in manifest["files"].items():
         file = folder / name
         if not file.is_file():
+            if any(fnmatch.fnmatch(name, pattern) for pattern in optional):
+                continue
             return f"{name} is missing"
         if file.stat().st_size != meta.get("size") or _digest(file) != meta.get("sha256"):
             return f"{name} changed after it was saved (size or SHA-256 differs from {MANIFEST})"
@@ -145,7 +150,7 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike[str], run: str | None) -> Path:
+def last_complete_checkpoint(output_dir: str | os.PathLike[str], run: str | None, *, partial: bool = False) -> Path:
     """The highest-step complete checkpoint of run ``run`` in ``output_dir``; later torn ones are skipped with a warning.
 
     Raises:
@@ -153,7 +158,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], run: str | None
     """
     skipped = []
     for step, folder in reversed(_checkpoints(Path(output_dir))):
-        problem = checkpoint_problem(folder, run)
+        problem = checkpoint_problem(folder, run, partial=partial)
         if problem is None:
             for name, why in skipped:
                 logger.warning("resume: skipping %s: %s", name, why)
@@ -262,14 +267,14 @@ class SafeCheckpointsMixin:
             return None
         if resume is True:
             self._run_id = run_id(out)
-            folder = last_complete_checkpoint(out, self._run_id)
+            folder = last_complete_checkpoint(out, self._run_id, partial=self.allow_partial_resume)
         else:
             folder = Path(resume)
             if not folder.is_dir():
                 raise CheckpointError(f"resume_from_checkpoint {str(resume)!r} is not a directory")
-            problem = checkpoint_problem(folder)
+            problem = checkpoint_problem(folder, partial=self.allow_partial_resume)
             if problem is not None:
-                raise CheckpointError(f"checkpoint {str(folder)!r} is not complete: {problem}")
+                raise CheckpointError(f"checkpoint {str(folder)!r} cannot be resumed from: {problem}")
             self._run_id = json.loads((folder / MANIFEST).read_text())["run_id"]
         self._check_state(folder)
         logger.info("resuming from %s", folder)
