@@ -145,3 +145,22 @@ def test_rotation_deletes_only_this_runs_complete_checkpoints(saved, tmp_path):
     deleted = rotate(out, run, limit=1)
     assert sorted(p.name for p in deleted) == ["checkpoint-3", "checkpoint-6"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-9", "checkpoint-999"]
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("r.json", '{"stage": 2,}', r"r\.json' is not valid JSON: .* line 1 column 13"),
+    ("r.yaml", "stage: [2", r"r\.yaml' is not valid YAML"),
+    ("r.json", "[1, 2]", r"r\.json' has to hold a mapping"),
+])
+def test_recipe_files_name_themselves(tmp_path, name, text, fragment):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(recipe.RecipeError, match=fragment):
+        recipe.load_recipe(tmp_path / name)
+
+
+def test_train_cli_is_one_line_and_status_2(tmp_path, capsys):
+    assert recipe.cli(["--recipe", "no-such-recipe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: error: recipe 'no-such-recipe' is neither a file")
+    with pytest.raises(recipe.RecipeError):
+        recipe.cli(["--recipe", "no-such-recipe", "--debug"])

@@ -165,7 +165,8 @@ def load_recipe(recipe: str | os.PathLike[str]) -> dict[str, Any]:
     A relative ``deepspeed`` path is resolved against the recipe file's folder.
 
     Raises:
-        RecipeError: no such file or name (the shipped names are listed), or not a mapping.
+        RecipeError: no such file or name (the shipped names are listed), not valid JSON /
+            YAML (the file, line and column are named), or not a mapping.
 
     Example:
         >>> load_recipe("llava-hr-7b-stage1")["learning_rate"]
@@ -179,11 +180,17 @@ def load_recipe(recipe: str | os.PathLike[str]) -> dict[str, Any]:
         path = matches[0]
     text = path.read_text()
     if path.suffix == ".json":
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"recipe {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     else:
         import yaml
 
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(values, Mapping):
         raise RecipeError(f"recipe {str(path)!r} has to hold a mapping of argument names to values")
     values = dict(values)
