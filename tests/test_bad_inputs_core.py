@@ -186,3 +186,56 @@ def test_autocast_accepts_other_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = adapter(tok(*T).bfloat16(), (2, 2), tok(*M).bfloat16())
     assert out.shape == (2, 4, 8)
+
+
+# -- encoders and presets (the cycle presets exist only during their own call) ---------------
+def _with_presets(registry, presets, call):
+    """Register ``presets`` for one call, then remove them (a cycle must not leak into other tests)."""
+    for name, config in presets.items():
+        registry.register_preset(name, config)
+    try:
+        return call()
+    finally:
+        for name in presets:
+            registry._presets.pop(name, None)
+
+
+def _cycle():
+    presets = {"zz_cycle_a": {"name": "zz_cycle_b"}, "zz_cycle_b": {"name": "zz_cycle_a"}}
+    return _with_presets(mixres.FUSIONS, presets, lambda: mixres.create_fusion("zz_cycle_a", low_dim=8, high_dim=8))
+
+
+def _self_cycle():
+    presets = {"zz_self": {"name": "zz_self", "in_dim": 4}}
+    return _with_presets(mixres.PROJECTORS, presets, lambda: mixres.create_projector("zz_self", out_dim=4))
+
+
+ENCODER_CASES = [
+    ("preset-cycle", _cycle, ConfigError, r"fusion presets form a cycle: zz_cycle_a -> zz_cycle_b -> zz_cycle_a"),
+    ("preset-names-itself", _self_cycle, ConfigError, r"projector presets form a cycle: zz_self -> zz_self"),
+    ("encoder-image-size-250", lambda: mixres.create_encoder("llava-hr-tiny", image_size=250), ShapeError, r"image size \(250, 250\) cannot be aligned: .* stride is 32"),
+    ("encoder-image-size-non-square", lambda: mixres.create_encoder("llava-hr-tiny", image_size=(256, 200)), ShapeError, r"\(256, 200\) cannot be aligned"),
+    ("num_tokens-250", lambda: _tiny().num_tokens(250), ShapeError, r"image size \(250, 250\) cannot be aligned"),
+    ("grid_for-0", lambda: _tiny().grid_for(0), MixresError, r"image_size has to be > 0, but got 0"),
+    ("forward-250px", lambda: _tiny()(tok(1, 3, 250, 250)), ShapeError, r"images: image size \(250, 250\) cannot be aligned"),
+]
+
+
+@functools.cache
+def _tiny() -> torch.nn.Module:
+    return mixres.create_encoder("llava-hr-tiny")
+
+
+@pytest.mark.parametrize("fn, error, fragment", [pytest.param(f, e, m, id=i) for i, f, e, m in ENCODER_CASES])
+def test_encoder_and_preset_refusals(fn, error, fragment):
+    with pytest.raises(error) as info:
+        fn()
+    assert re.search(fragment, str(info.value)), str(info.value)
+
+
+def test_describe_refuses_what_forward_refuses(capsys):
+    """`mixres describe` reports the count forward would produce, or refuses like forward."""
+    from mixres.cli import main
+
+    assert main(["describe", "llava-hr-tiny", "--image-size", "250", "250"]) == 2
+    assert "cannot be aligned" in capsys.readouterr().err
