@@ -116,7 +116,8 @@ class DualPathwayEncoder(Encoder):
         native = self.token_pathway.image_size
         self.image_size = to_2tuple("image_size", native if image_size is None else (image_size if isinstance(image_size, int) else tuple(image_size)))
         self.out_dim = self.final_fusion.out_dim if self.final_fusion is not None else self.token_pathway.dim
-        self.check_image_size(self.image_size)  # num_tokens / describe must not report a size forward refuses
+        if image_size is not None:  # a size asked for must be one forward takes (num_tokens / describe)
+            self.check_image_size(self.image_size)  # (a defaulted native ViT size is checked when used)
         self._check_grids()
         self.set_freeze(freeze)
         self.set_grad_checkpointing(grad_checkpointing)
