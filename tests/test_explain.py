@@ -165,7 +165,7 @@ def test_trained_tiny_encoder_heat_is_larger_on_the_small_item_than_on_backgroun
     grid = encoder.grid_for(256)
     params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.Adam(params, lr=3e-3)
-    for _ in range(40):  # ~12 s on 2 CPU cores; the loss falls from ~0.9 to < 0.1
+    for _ in range(40):  # ~5 s on 2 idle CPU cores (~60 s when 5 jobs share them); loss ~0.9 -> < 0.1
         x, y = _dot_batch(8, grid, 256, gen)
         logits = head(encoder(x)[0]).squeeze(-1)
         loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(20.0))
@@ -177,4 +177,5 @@ def test_trained_tiny_encoder_heat_is_larger_on_the_small_item_than_on_backgroun
     on = (heat * y).sum(1)
     background = (heat * (1 - y)).sum(1) / (y.shape[1] - 1)
     assert (on > background).all()  # every image: the item's cell beats the mean background cell
-    assert on.mean() > 3 * background.mean()  # measured ~6x at this seed
+    print(f"item cell {on.mean():.3f} vs background {background.mean():.3f}")
+    assert on.mean() > 3 * background.mean()  # measured 6.6 vs 1.3 at this seed
