@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tool("plan").build_parser(p).set_defaults(func=lambda a: _tool("plan").run(a))
     p = sub.add_parser("eval", help="score a trained model on a local question file (vqa, exact, anls)")
     _tool("evaluate").build_parser(p).set_defaults(func=lambda a: _tool("evaluate").run(a))
+    p = sub.add_parser("explain", help="PNG of where the high-res pathway changed the tokens of an image")
+    _tool("explain_cli").build_parser(p).set_defaults(func=lambda a: _tool("explain_cli").run(a))
     p = sub.add_parser("bench", help="run a benchmark: mixres bench cost|speed|gpu [args]")
     p.add_argument("which", choices=["cost", "speed", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

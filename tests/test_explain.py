@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -179,3 +180,31 @@ def test_trained_tiny_encoder_heat_is_larger_on_the_small_item_than_on_backgroun
     assert (on > background).all()  # every image: the item's cell beats the mean background cell
     print(f"item cell {on.mean():.3f} vs background {background.mean():.3f}")
     assert on.mean() > 3 * background.mean()  # measured 6.6 vs 1.3 at this seed
+
+
+def test_cli_writes_the_png_zero_for_a_preset_nonzero_for_trained_weights(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    image_mod = pytest.importorskip("PIL.Image")
+    from mixres.cli import main
+    from mixres.convert import save_converted
+
+    picture = image_mod.new("RGB", (300, 200), (20, 20, 20))
+    picture.paste((255, 255, 0), (40, 30, 48, 38))  # a small item in the top-left
+    picture.save(tmp_path / "item.png")
+    assert main(["explain", "--encoder", "llava-hr-tiny", "--image", str(tmp_path / "item.png"),
+                 "--out", str(tmp_path / "zero.png")]) == 0
+    out = capsys.readouterr().out
+    assert "adapters.0: max |g f_h| 0 at cell" in out and (tmp_path / "zero.png").stat().st_size > 10_000
+
+    torch.manual_seed(0)
+    encoder = mixres.create_encoder("llava-hr-tiny")
+    for adapter in encoder.adapters:
+        nn.init.normal_(adapter.high_proj.weight, std=0.1)  # stands for trained weights: the term is nonzero
+    save_converted(tmp_path / "converted", encoder)
+    assert main(["explain", "--model", str(tmp_path / "converted"), "--image", str(tmp_path / "item.png"),
+                 "--out", str(tmp_path / "maps.png"), "--json"]) == 0
+    maps = json.loads((tmp_path / "maps.json").read_text())
+    assert sorted(maps["high_res"]) == ["adapters.0", "adapters.1", "adapters.2"]
+    assert all(max(map(max, m)) > 0 for m in maps["high_res"].values())
+    assert main(["explain", "--image", str(tmp_path / "item.png")]) == 2  # neither --model nor --encoder
+    assert main(["explain", "--encoder", "llava-hr-tiny", "--image", str(tmp_path / "missing.png")]) == 2
