@@ -29,7 +29,7 @@ from typing import Any
 from .errors import MixresError
 from .scoring import METRICS
 
-__all__ = ["evaluate_model", "report_markdown", "build_parser", "run", "main"]
+__all__ = ["load_model", "evaluate_model", "report_markdown", "build_parser", "run", "main"]
 
 
 def _recipe_defaults(model_dir: Path) -> dict[str, Any]:
@@ -37,7 +37,13 @@ def _recipe_defaults(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _load(model_dir: Path, device: str | None) -> tuple[Any, Any]:
+def load_model(model_dir: str | Path, device: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a save_pretrained directory with a mixres vision tower.
+
+    Raises:
+        MixresError: no such directory, or a model without a mixres tower.
+    """
+    model_dir = Path(model_dir)
     import mixres.integrations.hf  # noqa: F401  (registers the mixres tower with the Auto classes)
     from mixres.integrations.hf import load_pretrained
 
@@ -78,7 +84,7 @@ def evaluate_model(
         raise MixresError(f"metric has to be one of {list(METRICS)}, but got {metric!r}")
     model_dir = Path(model_dir)
     defaults = _recipe_defaults(model_dir)
-    model, tokenizer = _load(model_dir, device)
+    model, tokenizer = load_model(model_dir, device)
     result = evaluate(
         model, tokenizer, data, template=template or defaults.get("template", "vicuna_v1"),
         image_folder=image_folder, aspect_ratio=aspect_ratio or defaults.get("aspect_ratio", "pad"), limit=limit,

@@ -77,3 +77,92 @@ def test_read_questions_formats_and_errors(tmp_path):
     with pytest.raises(MixresError, match="does not exist"):
         read_questions(tmp_path / "missing.json")
     assert main(["eval", "--model", str(tmp_path), "--data", str(path), "--metric", "exact"]) != 0
+
+
+TASK_UTILS = '''
+from PIL import Image
+
+from mixres.scoring import exact_match
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": exact_match(results[0], doc["answer"])}
+'''
+
+TASK_YAML = '''task: mixres_local_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 6
+  until: ["\\n"]
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+'''
+
+
+def _lmms_eval_ready(cwd) -> str | None:
+    """None when lmms-eval can run here, else why not."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("lmms_eval") is None:
+        return "lmms-eval is not installed (pip install 'mixres[lmms]')"
+    if importlib.util.find_spec("filelock._api") is None:
+        return "lmms-eval 0.7.x imports filelock._api, which filelock 4 removed: pip install 'filelock<4'"
+    # asked from outside the source tree, as lmms-eval will run: a stale mixres.egg-info there hides it
+    code = "from importlib.metadata import entry_points; print([e.value for e in entry_points().select(group='lmms_eval.models')])"
+    found = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True).stdout
+    if "mixres.integrations.lmms_eval:manifests" not in found:
+        return "the installed mixres metadata lacks the lmms_eval.models entry point: reinstall mixres (pip install -e .)"
+    return None
+
+
+def test_lmms_eval_plugin_runs_a_local_task_end_to_end(request, tmp_path):
+    """`python -m lmms_eval --model mixres` on a local JSON-lines task: the same score as mixres eval."""
+    import os
+    import subprocess
+    import sys
+
+    reason = _lmms_eval_ready(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    out, batch, records = request.getfixturevalue("trained")
+    rows = [{"question_id": r["id"], "image": str(batch.parent / r["image"]), "answer": r["conversations"][1]["value"],
+             "question": r["conversations"][0]["value"].replace("<image>", "").strip()} for r in records]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(TASK_UTILS)
+    (tasks / "mixres_local_vqa.yaml").write_text(TASK_YAML.format(data=data))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "mixres", "--model_args", f"pretrained={out},batch_size=4",
+           "--tasks", "mixres_local_vqa", "--include_path", str(tasks), "--output_path", str(tmp_path / "results")]
+    # run outside the source tree: a stale mixres.egg-info there would hide the entry point
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (found,) = (tmp_path / "results").rglob("*_results.json")
+    score = json.loads(found.read_text())["results"]["mixres_local_vqa"]["exact_match,none"]
+    assert main(["eval", "--model", str(out), "--data", str(data), "--metric", "exact", "--max-new-tokens", "6",
+                 "--no-progress", "--out", str(tmp_path / "ours")]) == 0
+    ours = json.loads((tmp_path / "ours.json").read_text())["scores"]["all"]["score"]
+    assert score == pytest.approx(ours, abs=1e-12) and score > 0

@@ -122,6 +122,8 @@ def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
             max_new_tokens: int = 6, progress: bool = False) -> dict[str, str]:
     """Greedy answers to the first question of each record (LLaVA JSON), images as in training.
 
+    A record's ``image`` is a path (relative to ``image_folder``) or a PIL image.
+
     Prompts are left-padded into batches of ``batch_size``; ``progress`` shows a tqdm bar (stderr).
 
     Returns:
@@ -146,7 +148,7 @@ def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         inputs = {"input_ids": ids, "attention_mask": mask}
-        images = [prep(_open(Path(image_folder) / r["image"])) for r in chunk if r.get("image")]
+        images = [prep(_open(r["image"], image_folder)) for r in chunk if r.get("image")]
         if images:
             inputs["pixel_values"] = torch.stack(images).to(device, next(model.parameters()).dtype)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
@@ -159,11 +161,14 @@ def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
     return answers
 
 
-def _open(path: Path) -> Any:
+def _open(image: Any, folder: str | os.PathLike[str]) -> Any:
+    """A record's image: a path relative to ``folder`` (or absolute), or a PIL image already."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    if isinstance(image, Image.Image):
         return image.convert("RGB")
+    with Image.open(Path(folder) / image) as opened:
+        return opened.convert("RGB")
 
 
 def evaluate(model: Any, tokenizer: Any, data_path: str | os.PathLike[str], *, template: str = "vicuna_v1",
