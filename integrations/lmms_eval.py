@@ -12,10 +12,10 @@ resized as in training, left-padded batches). It answers ``generate_until`` requ
 VQA-style tasks: TextVQA, DocVQA, ChartQA, VQAv2, GQA, ...); one image per request.
 ``loglikelihood`` (multiple-choice scoring by likelihood) is not implemented.
 
-``model_args``: ``pretrained`` (the directory), ``batch_size`` (default 1), ``device`` (default
+``model_args``: ``pretrained`` (the directory), ``device`` (default
 CPU, or ``cuda:0``), ``template`` / ``aspect_ratio`` (default: the directory's ``recipe.json``,
 else ``vicuna_v1`` / ``pad``), ``max_new_tokens`` (default 16; a task's
-``generation_kwargs.max_new_tokens`` wins).
+``generation_kwargs.max_new_tokens`` wins). The batch size is lmms-eval's own ``--batch_size``.
 """
 
 from __future__ import annotations
