@@ -60,6 +60,8 @@ class Explanation:
             is 0). Patch mining: key ``name``; SVA: ``name/layer{l}/source{s}`` (one softmax
             spans all sources, so the windows of one layer sum to 1 together).
         tokens: per cross-attention fusion, the ``(row, col)`` of the chosen token in its grid.
+        grids: per cross-attention fusion, that grid ``(h, w)`` (the attention map is
+            ``(p1*h, p2*w)``: ``p1 x p2`` map pixels per token).
     """
 
     high_res: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -67,6 +69,7 @@ class Explanation:
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
     total: torch.Tensor | None = None
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def finish(self) -> None:
         """Fill :attr:`total` from :attr:`high_res` (called when the hooks are removed)."""
@@ -212,7 +215,7 @@ class _Recorder:
         weights = token_attention(kept["q"], kept["k0"], fusion.num_heads)[:, cell[0] * grid[1] + cell[1]]
         key = self._key(name)
         self.out.attention[key] = _place(weights, grid, window, cell)
-        self.out.tokens[key] = cell
+        self.out.tokens[key], self.out.grids[key] = cell, grid
 
     def _sva_done(self, name: str, fusion: SVA) -> None:
         kept = self.kept.pop(name)  # each layer has its own pre-hook on the SVA
@@ -226,7 +229,7 @@ class _Recorder:
         for s, (m, part) in enumerate(zip(maps, weights.split(sizes, dim=-1))):
             window = window_grid((int(m.shape[2]), int(m.shape[3])), grid)
             self.out.attention[f"{key}/source{s}"] = _place(part, grid, window, cell)
-        self.out.tokens[key] = cell
+        self.out.tokens[key], self.out.grids[key] = cell, grid
 
     def remove(self) -> None:
         for handle in self.handles:

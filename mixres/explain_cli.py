@@ -11,7 +11,9 @@ zero-init MR-Adapters give exactly zero maps, which the figure says). The image 
 the recipe does (pad to a square with the mean colour, resize to the encoder's input size,
 CLIP normalisation), the maps come from :func:`mixres.explain.explain`, and the figure shows the
 image, the summed high-res heat map over it, one panel per adapter with its gate, and one
-panel per cross-attention map (the chosen token's cell outlined). Needs matplotlib and Pillow.
+panel per cross-attention map (the chosen token's cell outlined). Each panel is coloured from
+its own minimum to its maximum (both printed), so a map that is nearly constant still shows
+where it is largest: read the range before reading the colours. Needs matplotlib and Pillow.
 """
 
 from __future__ import annotations
@@ -75,17 +77,20 @@ def _prepare(image_path: str, side: int, aspect_ratio: str) -> tuple[torch.Tenso
     return pixels[None], shown.permute(1, 2, 0).numpy()
 
 
-def _overlay(ax: Any, shown: Any, heat: torch.Tensor, title: str, vmax: float, cell: tuple[int, int] | None = None) -> Any:
+def _overlay(ax: Any, shown: Any, heat: torch.Tensor, title: str, cell: tuple[int, int] | None = None,
+             grid: tuple[int, int] | None = None) -> Any:
+    """The heat map over the picture, scaled to its own [min, max] (printed in the title)."""
     side = shown.shape[0]
+    low, high = float(heat.min()), float(heat.max())
     ax.imshow(shown)
-    im = ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=(0, side, side, 0), vmin=0, vmax=vmax or 1.0,
-                   interpolation="nearest")
-    if cell is not None:  # outline the chosen token's cell
+    im = ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=(0, side, side, 0), vmin=low,
+                   vmax=high if high > low else low + 1.0, interpolation="nearest")
+    if cell is not None and grid is not None:  # outline the chosen token's cell of its grid
         from matplotlib.patches import Rectangle
 
-        h, w = heat.shape
+        h, w = grid
         ax.add_patch(Rectangle((cell[1] * side / w, cell[0] * side / h), side / w, side / h, fill=False, ec="cyan", lw=1.5))
-    ax.set_title(title, fontsize=8)
+    ax.set_title(f"{title}\n[{low:.4g}, {high:.4g}]", fontsize=8)
     ax.axis("off")
     return im
 
@@ -108,18 +113,18 @@ def plot_explanation(exp: Explanation, shown: Any, path: str | Path, *, title: s
     k = 1
     vmax = max([float(m[0].max()) for m in exp.high_res.values()] + [0.0])
     if exp.total is not None:
-        im = _overlay(axes[k], shown, exp.total[0], "sum over adapters of |g f_h(F_h)|", float(exp.total[0].max()))
+        im = _overlay(axes[k], shown, exp.total[0], "sum over adapters of |g f_h(F_h)|")
         fig.colorbar(im, ax=axes[k], fraction=0.046)
         k += 1
     for name in adapters:
         gate = exp.gates.get(name)
         note = "g = 1" if gate is None else f"g = {float(gate[0].mean()):+.3f}" + (" (mean)" if gate.shape[-1] > 1 else "")
-        _overlay(axes[k], shown, exp.high_res[name][0], f"{name}: |g f_h|, {note}", vmax)
+        _overlay(axes[k], shown, exp.high_res[name][0], f"{name}: |g f_h|, {note}")
         k += 1
     for name in attention:
         owner = name.split("/source")[0]
         _overlay(axes[k], shown, exp.attention[name][0], f"{name}: attention of token {exp.tokens[owner]}",
-                 float(exp.attention[name][0].max()))
+                 exp.tokens[owner], exp.grids[owner])
         k += 1
     if vmax == 0 and adapters:
         title = (title + "\n" if title else "") + "all high-res maps are exactly 0 (zero-init adapters: untrained?)"

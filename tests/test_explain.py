@@ -107,6 +107,7 @@ def test_sva_attention_spans_its_sources_and_sums_to_one():
     with explain_hooks(sva) as exp, torch.no_grad():
         sva(torch.randn(2, 4 * 6, 8), (4, 6), maps)
     assert exp.tokens == {"SVA/layer0": (1, 1), "SVA/layer1": (1, 1)}  # centre of the 2x3 query grid
+    assert exp.grids == {"SVA/layer0": (2, 3), "SVA/layer1": (2, 3)}
     for layer in (0, 1):
         a, b = exp.attention[f"SVA/layer{layer}/source0"], exp.attention[f"SVA/layer{layer}/source1"]
         assert a.shape == (2, 4, 6) and b.shape == (2, 6, 3)
