@@ -78,6 +78,10 @@ class Compressor(Configurable, nn.Module):
         """The output grid ``(h', w')`` for an input grid ``(h, w)``; runs nothing."""
         raise NotImplementedError
 
+    def output_grid(self, grid: int | Sequence[int]) -> tuple[int, int]:
+        """The projector kind's name for :meth:`grid_for`: the output grid for an input grid."""
+        return self.grid_for(grid)
+
     def num_tokens(self, grid: int | Sequence[int]) -> int:
         """Tokens out for an input grid ``(h, w)``; runs nothing."""
         h, w = self.grid_for(grid)

@@ -5,18 +5,34 @@ Linear; the presets ``mlp2x_gelu`` ... ``mlp4x_gelu`` fix ``depth``) and ``ident
 is an ``nn.Sequential`` so its keys are LLaVA's ``mm_projector.{0,2,...}``.
 
 Shape: ``Tensor[B, N, in_dim] -> Tensor[B, N, out_dim]``.
+
+The projector kind has one signature, shared with the compressors (:mod:`mixres.compressors`):
+``forward(tokens, grid=None) -> tokens`` and ``output_grid(grid) -> grid`` (runs nothing), so the
+HF integration and the recipe put any registered projector between tower and LLM and the
+``<image>`` expansion follows ``output_grid``. Width-only projectors keep the grid.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ._utils import check_positive_int
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .registry import Configurable, register_projector, register_projector_preset
 
 __all__ = ["LinearProjector", "MLPProjector", "IdentityProjector"]
+
+
+class _KeepsGrid:
+    """``output_grid`` of the projectors that change the width only."""
+
+    def output_grid(self, grid: Sequence[int]) -> tuple[int, int]:
+        """The grid of the output tokens: the input grid (one token out per token in)."""
+        h, w = grid
+        return int(h), int(w)
 
 
 def _check_width(x: torch.Tensor, in_dim: int, who: str) -> None:
@@ -26,7 +42,7 @@ def _check_width(x: torch.Tensor, in_dim: int, who: str) -> None:
         raise ShapeError(f"{who} was built with in_dim={in_dim}, but the input has width {x.shape[-1]}")
 
 
-class LinearProjector(Configurable, nn.Linear):
+class LinearProjector(_KeepsGrid, Configurable, nn.Linear):
     """One linear layer ``in_dim -> out_dim`` (LLaVA-1's projector).
 
     Example:
@@ -40,12 +56,12 @@ class LinearProjector(Configurable, nn.Linear):
         super().__init__(in_dim, out_dim, device=device, dtype=dtype)
         self.in_dim, self.out_dim = in_dim, out_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         _check_width(x, self.in_dim, "linear projector")
         return super().forward(x)
 
 
-class MLPProjector(Configurable, nn.Sequential):
+class MLPProjector(_KeepsGrid, Configurable, nn.Sequential):
     """LLaVA's ``mlp{depth}x_gelu``: Linear(in->out), then (GELU, Linear(out->out)) ``depth-1`` times.
 
     Example:
@@ -66,12 +82,12 @@ class MLPProjector(Configurable, nn.Sequential):
         super().__init__(*layers)
         self.in_dim, self.out_dim, self.depth = in_dim, out_dim, depth
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         _check_width(x, self.in_dim, f"mlp{self.depth}x_gelu projector")
         return super().forward(x)
 
 
-class IdentityProjector(Configurable, nn.Module):
+class IdentityProjector(_KeepsGrid, Configurable, nn.Module):
     """No projection: the LLM takes the visual width as is (``in_dim == out_dim`` required).
 
     Example:
@@ -83,10 +99,10 @@ class IdentityProjector(Configurable, nn.Module):
         super().__init__()
         check_positive_int("in_dim", in_dim)
         if out_dim is not None and out_dim != in_dim:
-            raise ValueError(f"identity projector needs out_dim == in_dim ({in_dim}), but got {out_dim}")
+            raise ConfigError(f"identity projector needs out_dim == in_dim ({in_dim}), but got {out_dim}")
         self.in_dim = self.out_dim = in_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         _check_width(x, self.in_dim, "identity projector")
         return x
 

@@ -250,10 +250,11 @@ class Registry:
     def resolve(self, name: str, **overrides: Any) -> dict[str, Any]:
         """The full config for ``name``: presets are followed, ``overrides`` merged last.
 
-        ``None`` overrides are dropped (timm's factories do the same).
+        ``None`` is a value like any other (``final_fusion=None``: no final fusion), unlike timm's
+        factories, which drop it: a caller who passes it means it.
         """
         self._missing(name)
-        kept = {k: v for k, v in overrides.items() if v is not None}
+        kept = dict(overrides)
         if name in self._classes:
             return {"kind": self.kind, "name": name, **kept}
         preset = dict(self._presets[name])
@@ -429,7 +430,7 @@ def _family(registry: Registry) -> tuple[Callable, Callable, Callable, Callable]
     )
     create.__doc__ = (
         f"Build the {kind} ``name`` (a class or a preset); ``kwargs`` override the preset's "
-        f"arguments and ``None`` values are dropped.\n\n"
+        f"arguments (``None`` included: it is a value).\n\n"
         f"Raises:\n    UnknownNameError (a KeyError): no {kind} of that name; the message lists "
         f"close matches.\n    ConfigError: an argument the {kind} does not take."
     )

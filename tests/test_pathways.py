@@ -255,7 +255,7 @@ def convnext_file(tmp_path_factory):
 @pytest.mark.parametrize("out_indices", [None, [1, -1]])
 def test_timm_map_equals_timm_forward_intermediates(convnext_file, out_indices):
     path, model = convnext_file
-    p = mixres.create_pathway("timm_map", model_name="convnext_atto", out_indices=out_indices, checkpoint_path=path).eval()
+    p = mixres.create_pathway("timm_map", model_name="convnext_atto", out_indices=out_indices, weights=path).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model.forward_intermediates(images, indices=list(p.out_indices), intermediates_only=True)
@@ -291,7 +291,7 @@ def test_timm_map_skips_a_head_of_another_size(tmp_path):
     sd = timm.create_model("resnet10t", pretrained=False, num_classes=11).state_dict()
     path = tmp_path / "resnet10t.pth"
     torch.save({"state_dict": sd, "epoch": 3}, path)  # a training checkpoint
-    p = mixres.create_pathway("timm_map", model_name="resnet10t", checkpoint_path=str(path))
+    p = mixres.create_pathway("timm_map", model_name="resnet10t", weights=str(path))
     torch.testing.assert_close(p.model.conv1[0].weight, sd["conv1.0.weight"])
 
 
@@ -304,7 +304,7 @@ def test_open_clip_convnext_equals_its_trunk_and_loads_open_clip_checkpoints(tmp
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(full, path)
     p = mixres.create_pathway(
-        "open_clip_convnext", model_name="convnext_large_d_320", config=OPEN_CLIP_CONVNEXT_TINY, checkpoint_path=str(tmp_path)
+        "open_clip_convnext", model_name="convnext_large_d_320", config=OPEN_CLIP_CONVNEXT_TINY, weights=str(tmp_path)
     ).eval()
     assert p.dims == (40, 80, 160, 320) and p.strides == (4, 8, 16, 32)
     images = torch.randn(1, 3, 32, 64)
@@ -343,7 +343,7 @@ def test_timm_map_without_forward_intermediates_uses_feature_list_net(tmp_path):
         timm.models.register_model(mixres_test_no_intermediates)
     source = _NoIntermediates()
     torch.save(source.state_dict(), tmp_path / "w.pt")
-    p = mixres.create_pathway("timm_map", model_name="mixres_test_no_intermediates", checkpoint_path=str(tmp_path / "w.pt"))
+    p = mixres.create_pathway("timm_map", model_name="mixres_test_no_intermediates", weights=str(tmp_path / "w.pt"))
     images = torch.randn(1, 3, 8, 12)
     maps = p(images)
     assert (p.dims, p.strides) == ((4, 8), (2, 4)) and [m.shape[1:] for m in maps] == [(4, 4, 6), (8, 2, 3)]
@@ -358,12 +358,12 @@ def test_hf_clip_loads_a_local_save_pretrained_dir(tmp_path):
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     full = CLIPModel(CLIPConfig(vision_config=HF_TINY, text_config=text)).eval()
     full.save_pretrained(tmp_path)  # a whole CLIPModel: the text tower is left out
-    p = mixres.create_pathway("hf_clip", model_name_or_path=str(tmp_path), select_layer=-2).eval()
+    p = mixres.create_pathway("hf_clip", weights=str(tmp_path), select_layer=-2).eval()
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = full.vision_model(images, output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(p(images)[0], ref)
-    assert rebuild(p).config["model_name_or_path"] == str(tmp_path)
+    assert rebuild(p).config["weights"] == str(tmp_path)
 
 
 def test_hf_weight_file_with_vision_model_prefix(tmp_path):
@@ -371,7 +371,7 @@ def test_hf_weight_file_with_vision_model_prefix(tmp_path):
 
     src = _cached("hf_siglip")
     save_file({f"vision_model.{k}": v.contiguous() for k, v in src.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    p = mixres.create_pathway("hf_siglip", config=HF_TINY, model_name_or_path=str(tmp_path / "w.safetensors")).eval()
+    p = mixres.create_pathway("hf_siglip", config=HF_TINY, weights=str(tmp_path / "w.safetensors")).eval()
     images = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(p(images)[0], src(images)[0])
@@ -380,7 +380,7 @@ def test_hf_weight_file_with_vision_model_prefix(tmp_path):
 def test_open_clip_vit_loads_a_checkpoint(tmp_path):
     src = _cached("open_clip_vit")
     torch.save({"state_dict": {f"module.visual.{k}": v for k, v in src.visual.state_dict().items()}}, tmp_path / "ckpt.pt")
-    p = make_token("open_clip_vit", checkpoint_path=str(tmp_path / "ckpt.pt")).eval()
+    p = make_token("open_clip_vit", weights=str(tmp_path / "ckpt.pt")).eval()
     images = torch.randn(1, 3, 32, 40)
     with torch.no_grad():
         torch.testing.assert_close(p(images)[0], src(images)[0])
@@ -392,7 +392,7 @@ def test_timm_vit_loads_a_checkpoint_with_its_head(tmp_path):
     torch.manual_seed(4)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_VIT_TINY).eval()
     torch.save(model.state_dict(), tmp_path / "vit.pth")
-    p = make_token("timm_vit", checkpoint_path=str(tmp_path / "vit.pth")).eval()
+    p = make_token("timm_vit", weights=str(tmp_path / "vit.pth")).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(p(images)[0], model.forward_features(images)[:, 1:])
@@ -401,10 +401,10 @@ def test_timm_vit_loads_a_checkpoint_with_its_head(tmp_path):
 @pytest.mark.parametrize(
     "name, kwargs",
     [
-        ("hf_clip", dict(model_name_or_path="/no/such/dir")),
-        ("hf_clip", dict(model_name_or_path="openai/clip-vit-large-patch14-336")),  # a hub id: never downloaded
-        ("timm_vit", dict(checkpoint_path="/no/such/vit.safetensors")),
-        ("open_clip_vit", dict(checkpoint_path="/no/such/open_clip_model.safetensors")),
+        ("hf_clip", dict(weights="/no/such/dir")),
+        ("hf_clip", dict(weights="openai/clip-vit-large-patch14-336")),  # a hub id: never downloaded
+        ("timm_vit", dict(weights="/no/such/vit.safetensors")),
+        ("open_clip_vit", dict(weights="/no/such/open_clip_model.safetensors")),
     ],
 )
 def test_missing_weights_fail_fast_with_a_local_path_hint(name, kwargs):
@@ -416,23 +416,23 @@ def test_missing_weights_fail_fast_with_a_local_path_hint(name, kwargs):
 
 def test_missing_map_weights():
     with pytest.raises(WeightsError, match="'/no/such.pth' is not a local file"):
-        mixres.create_pathway("timm_map", model_name="resnet10t", checkpoint_path="/no/such.pth")
+        mixres.create_pathway("timm_map", model_name="resnet10t", weights="/no/such.pth")
 
 
 def test_checkpoint_with_wrong_shapes_lists_them(tmp_path, convnext_file):
     path, _ = convnext_file
     with pytest.raises(WeightsError, match=r"124 key\(s\) with other shapes: stages.0.blocks.0.conv_dw.bias: checkpoint \(40,\) vs model \(48,\)"):
-        mixres.create_pathway("timm_map", model_name="convnext_femto", checkpoint_path=path)
+        mixres.create_pathway("timm_map", model_name="convnext_femto", weights=path)
     big = make_token("timm_vit", model_kwargs={**TIMM_VIT_TINY, "img_size": 48})
     torch.save({k.removeprefix("model."): v for k, v in big.state_dict().items()}, tmp_path / "vit48.pt")
     with pytest.raises(WeightsError, match=r"pos_embed: checkpoint \(1, 37, 32\) vs model \(1, 17, 32\)"):
-        make_token("timm_vit", checkpoint_path=str(tmp_path / "vit48.pt"))
+        make_token("timm_vit", weights=str(tmp_path / "vit48.pt"))
 
 
 def test_hf_dir_with_wrong_shapes_lists_them(tmp_path):
     _cached("hf_clip").model.save_pretrained(tmp_path)
     with pytest.raises(WeightsError, match=r"position_embedding.weight: checkpoint \(17, 32\) vs model \(37, 32\)"):
-        mixres.create_pathway("hf_clip", config={"image_size": 48}, model_name_or_path=str(tmp_path))
+        mixres.create_pathway("hf_clip", config={"image_size": 48}, weights=str(tmp_path))
 
 
 def test_weight_files_are_never_unpickled(tmp_path):

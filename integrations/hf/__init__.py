@@ -20,6 +20,7 @@ from .images import check_image, pad_to_square, reference_pixel_values
 from .inference import generate, load_pretrained
 from .modeling import MixresVisionConfig, MixresVisionModel, register_auto_classes
 from .mrify import mrify
+from .projector import MixresLlavaForConditionalGeneration, MixresProjector, llava_class_for
 
 register_auto_classes()
 
@@ -30,6 +31,9 @@ __all__ = [
     "MixresVisionConfig",
     "MixresVisionModel",
     "register_auto_classes",
+    "MixresLlavaForConditionalGeneration",
+    "MixresProjector",
+    "llava_class_for",
     "Family",
     "FAMILIES",
     "find_family",

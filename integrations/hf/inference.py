@@ -122,7 +122,15 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
         )
     if not (directory / "config.json").is_file():
         raise ModelPathError(f"{str(path)!r} holds no config.json; is it a save_pretrained directory?")
-    model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True, dtype=dtype)
+    from transformers import AutoConfig
+
+    from .projector import MixresLlavaForConditionalGeneration, llava_class_for
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    cls = llava_class_for(config) if config.model_type == "llava" else AutoModelForImageTextToText
+    if cls is not MixresLlavaForConditionalGeneration:
+        cls = AutoModelForImageTextToText
+    model = cls.from_pretrained(directory, local_files_only=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
     if device is not None:
         model = model.to(device)

@@ -21,7 +21,7 @@ How the fields fit LLaVA code (transformers 5.x):
   (``"default"`` would drop the first *patch* token: the pathway already removed CLS, which a
   fusion must never see). :func:`~mixres.integrations.hf.mrify` sets both.
 
-Weights: the config never names weight files (``model_name_or_path`` / ``checkpoint_path``
+Weights: the config never names weight files (``weights``
 are cleared): the tower's weights live in the HF model's own safetensors.
 """
 
@@ -35,22 +35,22 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import mixres
-from mixres.encoders.factory import WEIGHT_ARGS
+from mixres.encoders.factory import WEIGHTS_ARG
 
 from .errors import UnsupportedModelError
 
 __all__ = ["MixresVisionConfig", "MixresVisionModel", "register_auto_classes", "without_weight_paths"]
 
 # constructor arguments that load weights from files; cleared in a saved config
-_WEIGHT_KEYS = frozenset(WEIGHT_ARGS.values()) | {"pretrained"}
+_WEIGHT_KEYS = frozenset({WEIGHTS_ARG, "pretrained"})
 
 
 def without_weight_paths(config: Any) -> Any:
     """A copy of an encoder config with every weight-file argument set to ``None`` / ``False``.
 
     Example:
-        >>> without_weight_paths({"name": "hf_clip", "model_name_or_path": "/w", "config": {"a": 1}})
-        {'name': 'hf_clip', 'model_name_or_path': None, 'config': {'a': 1}}
+        >>> without_weight_paths({"name": "hf_clip", "weights": "/w", "config": {"a": 1}})
+        {'name': 'hf_clip', 'weights': None, 'config': {'a': 1}}
     """
     if isinstance(config, Mapping):
         return {
@@ -70,10 +70,19 @@ class MixresVisionConfig(PreTrainedConfig):
         hidden_size: width of the output tokens (the encoder's ``out_dim``).
         image_size: side ``R`` of the square input the encoder reads (high-res, e.g. 1024).
         patch_size: input pixels per output token, ``R // grid`` (e.g. 32).
-        num_image_tokens: tokens per image, ``grid ** 2``.
+        num_image_tokens: tokens per image handed to the LLM: the encoder's count, or the
+            projector's when a mixres ``projector`` (a compressor) changes it.
         projection_dim: written by PaliGemma's config (its projector width); unused here.
+        projector: a registered mixres projector / compressor config that replaces LLaVA's own
+            ``multi_modal_projector`` (:class:`~mixres.integrations.hf.projector.MixresLlavaForConditionalGeneration`);
+            ``None``: the MLLM's own projector.
+        feature_grid: the tower's token grid ``[h, w]`` (``None`` for encoders without one, AnyRes).
 
-    Use :meth:`from_encoder` to fill the numbers from a built encoder.
+    ``image_size // patch_size`` squared is the LLM's token count when the tokens lie on a
+    square grid that divides the image (LLaVA-NeXT's packing needs it); otherwise
+    ``patch_size == image_size`` and the processor adds ``num_image_tokens - 1`` tokens
+    (:func:`~mixres.integrations.llava.model.processor_for`). Use :meth:`from_encoder` to fill
+    the numbers from a built encoder.
     """
 
     model_type = "mixres_vision"
@@ -85,6 +94,8 @@ class MixresVisionConfig(PreTrainedConfig):
     patch_size: int = 0
     num_image_tokens: int = 0
     projection_dim: int | None = None
+    projector: dict | None = None
+    feature_grid: list | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -92,27 +103,50 @@ class MixresVisionConfig(PreTrainedConfig):
         self.encoder = without_weight_paths(self.encoder) if self.encoder is not None else None
 
     @classmethod
-    def from_encoder(cls, encoder: torch.nn.Module, image_size: int | None = None, **kwargs: Any) -> MixresVisionConfig:
+    def from_encoder(cls, encoder: torch.nn.Module, image_size: int | None = None, *,
+                     projector: Mapping[str, Any] | None = None, **kwargs: Any) -> MixresVisionConfig:
         """The config of a tower that holds ``encoder`` and reads ``image_size`` (default: the encoder's).
 
+        Args:
+            encoder: any mixres encoder (the contract of :class:`~mixres.encoders.base.Encoder`).
+            image_size: the square side the processor produces.
+            projector: a mixres projector config (``{"name": "c_abstractor", "num_queries": 16}``);
+                its ``in_dim`` defaults to the encoder's width, ``out_dim`` has to be given; the
+                token count follows its ``output_grid``.
+
         Raises:
-            UnsupportedModelError: a non-square size or grid, or a grid that does not divide the
-                image side (LLaVA code assumes ``image_size = grid * patch_size``).
+            UnsupportedModelError: a non-square image size.
         """
         if image_size is None:
             height, width = encoder.image_size
             if height != width:
                 raise UnsupportedModelError(f"HF vision towers read square images, but the encoder's image_size is {(height, width)}")
             image_size = height
-        grid = tuple(encoder.grid_for(image_size))
-        if grid[0] != grid[1] or image_size % grid[0]:
-            raise UnsupportedModelError(
-                f"image_size {image_size} gives a token grid {grid}, which does not divide it; LLaVA code needs "
-                "image_size = grid * patch_size: pick a size whose grid divides it (LLaVA-HR's 384, 768, 1024 and "
-                "1536 all do; see encoder.grid_for(size))"
-            )
+        grid = _grid_or_none(encoder, image_size)
+        count = grid[0] * grid[1] if grid is not None else int(encoder.num_tokens(image_size))
+        if projector is not None:
+            projector = {"kind": "projector", "in_dim": encoder.out_dim, **projector}
+            if grid is None:
+                raise UnsupportedModelError("a mixres projector needs the tower's token grid; this encoder has none (AnyRes)")
+            with torch.device("meta"):  # only its output grid is needed here
+                out_grid = tuple(mixres.build(projector).output_grid(grid))
+            grid, count = out_grid, out_grid[0] * out_grid[1]
+        side = grid[0] if grid is not None and grid[0] == grid[1] and image_size % grid[0] == 0 else None
         return cls(encoder=encoder.config, hidden_size=encoder.out_dim, image_size=image_size,
-                   patch_size=image_size // grid[0], num_image_tokens=grid[0] * grid[1], **kwargs)
+                   patch_size=image_size // side if side else image_size, num_image_tokens=count,
+                   projector=projector, feature_grid=list(_grid_or_none(encoder, image_size) or []) or None, **kwargs)
+
+    @property
+    def on_grid(self) -> bool:
+        """Whether the LLM's tokens lie on a square grid of ``image_size // patch_size`` per side."""
+        return (self.image_size // self.patch_size) ** 2 == self.num_image_tokens
+
+
+def _grid_or_none(encoder: torch.nn.Module, image_size: int) -> tuple[int, int] | None:
+    try:
+        return tuple(encoder.grid_for(image_size))
+    except mixres.MixresError:  # AnyRes: base tokens + tile rows, no single grid
+        return None
 
 
 def _on_meta_device() -> bool:

@@ -153,7 +153,7 @@ def mrify(
             SigLIP ViT. Changed **in place** (the tower is replaced, the config updated).
         map_pathway: the high-res pathway: a timm model name (LLaVA-HR: ``"convnext_large_mlp"``),
             a registered pathway name, or a pathway config dict (e.g. with a local
-            ``checkpoint_path`` for pretrained CNN weights).
+            ``weights`` for pretrained CNN weights).
         image_size: the side ``R`` of the (square) high-res input; for AnyRes models, of each tile.
         fusion: the in-stream fusion (name or config), e.g. ``"mr_adapter"``, ``"mr_adapter_paper"``.
         positions: blocks after which a fusion runs; ``None``: L/4, L/2, 3L/4.
@@ -184,6 +184,12 @@ def mrify(
     old_tile = int(owner.vision_tower.config.image_size)
     encoder = _build_encoder(model, family, image_size, map_pathway, fusion, positions, final_fusion)
     vision_config = MixresVisionConfig.from_encoder(encoder, image_size)
+    if not vision_config.on_grid:
+        raise UnsupportedModelError(
+            f"image_size {image_size} gives a token grid {vision_config.feature_grid}, which does not divide it; "
+            f"{family.name} needs image_size = grid * patch_size: pick a size whose grid divides it (LLaVA-HR's 384, 768, "
+            "1024 and 1536 all do; see encoder.grid_for(size))"
+        )
     tower = MixresVisionModel(vision_config, encoder=encoder)
     owner.vision_tower = tower
     family.update_config(model.config, vision_config, old_tile)

@@ -29,7 +29,7 @@ import torch
 from mixres.errors import MixresError
 from mixres.scoring import Metric, score_answers
 
-from .data import ImagePreprocessor, tokenize_conversation
+from .data import tokenize_conversation
 from .templates import Rendered, get_template
 from .tokenizer import IMAGE_TOKEN
 
@@ -119,12 +119,13 @@ def _prompt(record: Mapping[str, Any], template: Any, tokenizer: Any) -> Rendere
 @torch.no_grad()
 def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, template: str = "vicuna_v1",
             image_folder: str | os.PathLike[str] = ".", aspect_ratio: str = "pad", batch_size: int = 32,
-            max_new_tokens: int = 6, progress: bool = False) -> dict[str, str]:
+            max_new_tokens: int = 6, processor: Any = None, progress: bool = False) -> dict[str, str]:
     """Greedy answers to the first question of each record (LLaVA JSON), images as in training.
 
-    A record's ``image`` is a path (relative to ``image_folder``) or a PIL image.
-
-    Prompts are left-padded into batches of ``batch_size``; ``progress`` shows a tqdm bar (stderr).
+    A record's ``image`` is a path (relative to ``image_folder``) or a PIL image. Images go
+    through ``processor`` (the one saved with the model; default: the recipe's
+    :func:`~.model.processor_for`, which is what training used). Prompts are left-padded into
+    batches of ``batch_size``; ``progress`` shows a tqdm bar (stderr).
 
     Returns:
         ``{id: answer}``; an answer ends at the first end-of-turn or newline.
@@ -133,7 +134,9 @@ def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
 
     model.eval()
     vision = model.config.vision_config
-    prep = ImagePreprocessor(int(vision.image_size), aspect_ratio=aspect_ratio)
+    from .model import ProcessorImages, processor_for
+
+    prep = ProcessorImages(processor if processor is not None else processor_for(model, tokenizer, aspect_ratio))
     tpl, image_id = get_template(template), int(model.config.image_token_id)
     stops = [tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("\n")] if "\n" in tokenizer.get_vocab() else [])]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -174,8 +177,10 @@ def _open(image: Any, folder: str | os.PathLike[str]) -> Any:
 def evaluate(model: Any, tokenizer: Any, data_path: str | os.PathLike[str], *, template: str = "vicuna_v1",
              image_folder: str | os.PathLike[str] | None = None, aspect_ratio: str = "pad",
              limit: int | None = None, metric: Metric = "exact", batch_size: int = 32, max_new_tokens: int = 6,
-             progress: bool = False) -> dict[str, Any]:
+             processor: Any = None, progress: bool = False) -> dict[str, Any]:
     """Score greedy answers on a question file (:func:`read_questions`) with :mod:`mixres.scoring`.
+
+    Generation as :func:`predict` (``processor``: the saved one; default the recipe's).
 
     Returns:
         ``{"accuracy": {"all": ..., "<type>": ...}, "counts": {...}, "scores": {id: score},
@@ -184,7 +189,8 @@ def evaluate(model: Any, tokenizer: Any, data_path: str | os.PathLike[str], *, t
     questions = read_questions(data_path, limit)
     folder = image_folder if image_folder is not None else Path(data_path).parent
     answers = predict(model, tokenizer, as_records(questions), template=template, image_folder=folder,
-                      aspect_ratio=aspect_ratio, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                      aspect_ratio=aspect_ratio, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      processor=processor, progress=progress)
     report = score_answers(answers, [(q.id, q.answers, q.type) for q in questions], metric)
     per_question = report.pop("questions")
     return {"accuracy": {k: v["score"] for k, v in report.items()}, "counts": {k: v["count"] for k, v in report.items()},

@@ -7,6 +7,7 @@ is the processor saved beside the model, which training, evaluation and inferenc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .data import CLIP_MEAN, CLIP_STD
 from .recipe import RecipeArguments, RecipeError
 from .tokenizer import IMAGE_TOKEN, build_tokenizer, data_texts
 
-__all__ = ["TINY_LLM", "build_model", "set_image_size", "processor_for"]
+__all__ = ["TINY_LLM", "build_model", "set_image_size", "processor_for", "ProcessorImages"]
 
 #: the LLM of ``llm: tiny`` (a random Llama; the vocabulary comes from the tokenizer)
 TINY_LLM: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -65,24 +66,39 @@ def _encoder(recipe: RecipeArguments) -> torch.nn.Module:
     if recipe.vision_weights:
         spec = recipe.vision_weights
         weights = dict(kv.split("=", 1) for kv in spec.split(",")) if "=" in spec else spec
-    return mixres.create_encoder(recipe.vision_preset, pretrained=weights)
+    return mixres.create_encoder(recipe.vision_preset, pretrained=weights, **recipe.vision_overrides_dict)
 
 
-def _assemble(encoder: torch.nn.Module, llm: torch.nn.Module, tokenizer: Any, image_size: int) -> Any:
+def _projector_spec(recipe: RecipeArguments) -> dict[str, Any] | None:
+    if recipe.projector is None:
+        return None
+    spec = json.loads(recipe.projector) if recipe.projector.lstrip().startswith("{") else {"name": recipe.projector}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise RecipeError(f"projector has to be a registered projector name or a JSON config with 'name', but got {recipe.projector!r}")
+    return spec
+
+
+def _assemble(encoder: torch.nn.Module, llm: torch.nn.Module, tokenizer: Any, image_size: int,
+              projector: dict[str, Any] | None = None) -> Any:
     """A Llava model holding ``encoder`` as its tower and ``llm``'s own modules (no copies)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    vision = MixresVisionConfig.from_encoder(encoder, image_size)
+    from ..hf.projector import MixresProjector, llava_class_for
+
+    if projector is not None:
+        projector = {**projector, "out_dim": llm.config.hidden_size}
+    vision = MixresVisionConfig.from_encoder(encoder, image_size, projector=projector)
     config = LlavaConfig(vision_config=vision, text_config=llm.config, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
                          image_seq_length=vision.num_image_tokens,
                          tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)))
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = llava_class_for(config)(config)
     dtype = llm.get_input_embeddings().weight.dtype
     model.model.vision_tower = MixresVisionModel(config.vision_config, encoder=encoder.to(dtype))
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)  # nn.Linear init, as LLaVA's
+    # nn.Linear init, as LLaVA's; or the registered projector's own init
+    model.model.multi_modal_projector = (MixresProjector(config) if projector else LlavaMultiModalProjector(config)).to(dtype)
     model.model.language_model = llm.get_decoder()
     model.lm_head = llm.get_output_embeddings()
     model.generation_config = transformers.GenerationConfig(
@@ -93,8 +109,9 @@ def _assemble(encoder: torch.nn.Module, llm: torch.nn.Module, tokenizer: Any, im
 def build_model(recipe: RecipeArguments, training: TrainingArguments | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)``: loaded from ``recipe.model``, or a new LLaVA with our tower.
 
-    A new model: the encoder ``vision_preset`` (random or ``vision_weights``), a fresh
-    ``mlp2x_gelu`` projector and the LLM ``llm`` (``tiny``: a random Llama over a word-level
+    A new model: the encoder ``vision_preset`` with ``vision_overrides`` (random or
+    ``vision_weights``), a fresh projector (LLaVA's ``mlp2x_gelu``, or the registered
+    ``projector``) and the LLM ``llm`` (``tiny``: a random Llama over a word-level
     tokenizer built from the data). Its image size is set to the recipe's.
 
     Raises:
@@ -107,22 +124,25 @@ def build_model(recipe: RecipeArguments, training: TrainingArguments | None = No
         model, tokenizer = _load_llava(recipe.model, dtype)
     elif recipe.llm == "tiny":
         tokenizer = build_tokenizer(data_texts(recipe.data_path, recipe.eval_data_path, recipe.vocab_data))
-        model = _assemble(_encoder(recipe), _tiny_llm(tokenizer), tokenizer, _image_size(recipe, None))
+        model = _assemble(_encoder(recipe), _tiny_llm(tokenizer), tokenizer, _image_size(recipe, None), _projector_spec(recipe))
     else:
         llm, tokenizer = _load_llm(recipe, dtype)
-        model = _assemble(_encoder(recipe), llm, tokenizer, _image_size(recipe, None))
+        model = _assemble(_encoder(recipe), llm, tokenizer, _image_size(recipe, None), _projector_spec(recipe))
     set_image_size(model, _image_size(recipe, model))
     return model, tokenizer
 
 
 def _load_llava(path: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..hf.projector import llava_class_for
 
     directory = Path(path).expanduser()
     if not (directory / "config.json").is_file():
         raise RecipeError(f"model has to be a local LLaVA directory (save_pretrained output, e.g. stage 1's output_dir), "
                           f"but {path!r} holds no config.json")
-    model = LlavaForConditionalGeneration.from_pretrained(directory, local_files_only=True, dtype=dtype)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    model = llava_class_for(config).from_pretrained(directory, local_files_only=True, dtype=dtype)
     if not isinstance(model.model.vision_tower, MixresVisionModel):
         raise RecipeError(f"{path!r} has a {type(model.model.vision_tower).__name__} vision tower; the recipe trains a "
                           "mixres tower: mrify it first (mixres.integrations.hf.mrify) and save it")
@@ -134,7 +154,10 @@ def _image_size(recipe: RecipeArguments, model: Any) -> int:
         return recipe.image_size
     if model is not None:
         return int(model.config.vision_config.image_size)
-    return int(mixres.ENCODERS.get_preset(recipe.vision_preset).get("image_size"))
+    size = mixres.ENCODERS.resolve(recipe.vision_preset, **recipe.vision_overrides_dict).get("image_size")
+    if size is None:
+        raise RecipeError(f"vision_preset {recipe.vision_preset!r} sets no image_size; pass --image_size")
+    return int(size if isinstance(size, int) else size[0])
 
 
 def set_image_size(model: Any, image_size: int) -> int:
@@ -144,10 +167,13 @@ def set_image_size(model: Any, image_size: int) -> int:
     expands ``<image>`` to this count.
     """
     tower = model.model.vision_tower
-    new = MixresVisionConfig.from_encoder(tower.encoder, image_size)
+    projector = tower.config.projector
+    new = MixresVisionConfig.from_encoder(tower.encoder, image_size, projector=projector)
     for config in {id(c): c for c in (tower.config, model.config.vision_config)}.values():
         config.image_size, config.patch_size, config.num_image_tokens = new.image_size, new.patch_size, new.num_image_tokens
-        config.encoder = dict(config.encoder, image_size=image_size)
+        config.feature_grid = new.feature_grid
+        if "image_size" in config.encoder:
+            config.encoder = dict(config.encoder, image_size=image_size)
     tower.patch_size = new.patch_size
     model.config.image_seq_length = new.num_image_tokens
     return new.num_image_tokens
@@ -161,5 +187,34 @@ def processor_for(model: Any, tokenizer: Any, aspect_ratio: str = "pad") -> Any:
     side = int(vision.image_size)
     images = LlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                  do_pad=aspect_ratio == "pad", image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    # LlavaProcessor expands <image> to (side // patch_size)^2 + num_additional_image_tokens: the grid
+    # when the tokens lie on one that divides the image, else one "patch" plus the rest as additional
+    extra = int(vision.num_image_tokens) - (side // int(vision.patch_size)) ** 2
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=int(vision.patch_size),
-                          vision_feature_select_strategy="full", num_additional_image_tokens=0, image_token=IMAGE_TOKEN)
+                          vision_feature_select_strategy="full", num_additional_image_tokens=extra, image_token=IMAGE_TOKEN)
+
+
+class ProcessorImages:
+    """The image half of a saved processor as the dataset's ``image_processor``: one image path.
+
+    Training (:class:`~.data.LlavaDataset`), evaluation (:func:`~.evaluation.predict`) and
+    inference (:func:`~mixres.integrations.hf.generate`) all turn images into pixels with the
+    processor saved beside the model, so the three cannot drift apart.
+
+    Args:
+        processor: a ``LlavaProcessor`` (or anything with an ``image_processor``).
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.image_processor = getattr(processor, "image_processor", processor)
+        crop = getattr(self.image_processor, "crop_size", None) or {}
+        self.size = int(crop.get("height") or self.image_processor.size["shortest_edge"])
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        """One PIL image -> ``Tensor[3, size, size]`` (normalised)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"ProcessorImages({type(self.image_processor).__name__}, size={self.size})"

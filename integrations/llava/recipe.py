@@ -41,6 +41,9 @@ class RecipeArguments:
         model: a LLaVA directory to start from (a previous stage's ``output_dir``, or a
             converted LLaVA-HR); ``None``: build one from ``vision_preset`` + ``llm``.
         vision_preset: the mixres encoder preset of a new model (``mixres.list_encoders()``).
+        vision_overrides: constructor arguments of a new model's encoder that replace the
+            preset's (a mapping in a recipe file, JSON on the command line), e.g.
+            ``{"final_fusion": {"name": "sva", "query_grid": 4}}``; ``None`` values are kept.
         vision_weights: local weights of a new model's encoder: a directory (converted or
             official LLaVA-HR) or ``token_pathway=DIR,map_pathway=FILE``; ``None``: random.
         llm: ``tiny`` (a random 2-layer Llama) or a local HF causal-LM directory.
@@ -78,6 +81,7 @@ class RecipeArguments:
     stage: int = 2
     model: str | None = None
     vision_preset: str = "llava-hr-tiny"
+    vision_overrides: str | None = None
     vision_weights: str | None = None
     llm: str = "tiny"
     gguf_file: str | None = None
@@ -102,6 +106,9 @@ class RecipeArguments:
     synthetic_image_size: int = 256
 
     def __post_init__(self) -> None:
+        if isinstance(self.vision_overrides, Mapping):
+            self.vision_overrides = json.dumps(self.vision_overrides)
+        _ = self.vision_overrides_dict  # a bad JSON fails here, before anything is built
         for name in ("trainable", "freeze", "lora"):
             value = getattr(self, name)
             if isinstance(value, bool):  # `lora: true` of older recipes
@@ -122,6 +129,19 @@ class RecipeArguments:
             raise RecipeError(f"aspect_ratio has to be 'pad' or 'crop', but got {self.aspect_ratio!r}")
         if self.on_error not in ("raise", "skip"):
             raise RecipeError(f"on_error has to be 'raise' or 'skip', but got {self.on_error!r}")
+
+    @property
+    def vision_overrides_dict(self) -> dict[str, Any]:
+        """``vision_overrides`` as a dict (``{}`` when unset)."""
+        if not self.vision_overrides:
+            return {}
+        try:
+            value = json.loads(self.vision_overrides)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"vision_overrides has to be a JSON object, but {self.vision_overrides!r} is not JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise RecipeError(f"vision_overrides has to be a JSON object of encoder arguments, but got {value!r}")
+        return value
 
     @property
     def trainable_parts(self) -> list[str]:

@@ -45,9 +45,9 @@ from typing import Any
 import transformers
 from transformers import TrainingArguments
 
-from .data import ImagePreprocessor, LlavaCollator, LlavaDataset
+from .data import LlavaCollator, LlavaDataset
 from .evaluation import evaluate, predict
-from .model import TINY_LLM, build_model, processor_for, set_image_size
+from .model import TINY_LLM, ProcessorImages, build_model, processor_for, set_image_size
 from .recipe import RECIPES, RecipeArguments, RecipeError, list_recipes, load_recipe, parse_args
 from .stages import apply_lora, merge_lora, model_parts, part_parameters, resolve_parts, set_trainable
 from .synthetic import generate_dataset
@@ -107,10 +107,10 @@ def synthetic_data(root: str | os.PathLike[str], *, num_train: int, num_test: in
 
 
 def _dataset(recipe: RecipeArguments, tokenizer: Any, model: Any, data_path: Any) -> LlavaDataset:
-    size = int(model.config.vision_config.image_size)
+    images = ProcessorImages(processor_for(model, tokenizer, recipe.aspect_ratio))  # the processor saved with the model
     return LlavaDataset(data_path, tokenizer, num_image_tokens=int(model.config.vision_config.num_image_tokens),
                         image_folder=recipe.image_folder, template=recipe.template, max_length=recipe.max_length,
-                        image_processor=ImagePreprocessor(size, aspect_ratio=recipe.aspect_ratio), on_error=recipe.on_error)
+                        image_processor=images, on_error=recipe.on_error)
 
 
 def _default_data(recipe: RecipeArguments, training: TrainingArguments) -> RecipeArguments:

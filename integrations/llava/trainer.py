@@ -58,7 +58,7 @@ class LlavaTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
         config = inner.config.vision_config
         side = int(config.image_size)
-        ref = inner.model.multi_modal_projector.linear_1.weight
+        ref = next(inner.model.multi_modal_projector.parameters())
         blank = torch.zeros(1, 3, side, side, device=ref.device, dtype=ref.dtype)
         features = inner.model.get_image_features(pixel_values=blank, vision_feature_layer=-1,
                                                   vision_feature_select_strategy="full").pooler_output

@@ -7,7 +7,7 @@ differences from the release are in :mod:`mixres.anyres`.
 
 Preset: ``llava-next-anyres-672``, LLaVA-NeXT's vision side (CLIP ViT-L/14-336 through ``hf_clip``,
 ``select_layer=-2``, tiles of 336 on :data:`mixres.anyres.LLAVA_NEXT_PINPOINTS`); pass
-``encoder=`` to swap the inner encoder (its ``model_name_or_path`` to load weights).
+``encoder=`` to swap the inner encoder (its ``weights`` to load weights).
 
 Unlike other encoders, the input is a list of images of different sizes and the output a list
 of token sequences of different lengths (base image tokens, then the unpadded tile map row by

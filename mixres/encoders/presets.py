@@ -58,13 +58,14 @@ def llava_hr_config(
     }
 
 
+#: the hub ids of each preset's pretrained backbones (``create_encoder(name, pretrained=True)``
+#: reads them from the local cache); kept beside the configs, which hold constructor arguments only
+PRESET_WEIGHTS: dict[str, dict[str, str]] = {}
 for _size in (384, 768, 1024, 1536):
-    register_encoder_preset(f"llava-hr-7b-{_size}", {**llava_hr_config(_size), "weights": _WEIGHTS})
-register_encoder_preset(
-    "llava-hr-x-1024",
-    {**llava_hr_config(1024, cnn="convnext_xxlarge"),
-     "weights": {**_WEIGHTS, "map_pathway": "convnext_xxlarge.clip_laion2b_soup_ft_in1k"}},
-)
+    register_encoder_preset(f"llava-hr-7b-{_size}", llava_hr_config(_size))
+    PRESET_WEIGHTS[f"llava-hr-7b-{_size}"] = dict(_WEIGHTS)
+register_encoder_preset("llava-hr-x-1024", llava_hr_config(1024, cnn="convnext_xxlarge"))
+PRESET_WEIGHTS["llava-hr-x-1024"] = {**_WEIGHTS, "map_pathway": "convnext_xxlarge.clip_laion2b_soup_ft_in1k"}
 # tiny presets: random init in well under a second, for tests, docs and the CPU demo
 register_encoder_preset("llava-hr-tiny", llava_hr_config(256, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN))
 register_encoder_preset(
@@ -78,3 +79,8 @@ register_encoder_preset(
     {**llava_hr_config(256, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN),
      "injections": [], "final_fusion": None, "resolution": {"policy": "fixed", "size": 64}, "freeze": ["map_pathway"]},
 )
+# tiny S2 and AnyRes over the tiny ViT (24-px tiles, 6x6 tokens each): every encoder kind has a
+# tiny preset, so the composition tests run each through the HF tower and the recipe
+_TINY_CLIP = {"kind": "pathway", "name": "hf_clip", "config": TINY_VIT, "drop_prefix": True, "select_layer": -1}
+register_encoder_preset("s2-tiny", {"name": "s2", "pathway": _TINY_CLIP, "scales": [24, 48]})
+register_encoder_preset("anyres-tiny", {"name": "anyres", "encoder": _TINY_CLIP, "pinpoints": [[24, 48], [48, 24], [48, 48]]})

@@ -38,8 +38,8 @@ def missing_weights_error(path: str | os.PathLike, what: str = "weights") -> Wei
     return WeightsError(
         f"{what} {str(path)!r} is not a local file or directory. mixres never downloads weights: "
         "download them yourself (e.g. `huggingface-cli download <repo> --local-dir ./weights`) "
-        "and pass the local path, e.g. checkpoint_path='./weights/model.safetensors' or "
-        "model_name_or_path='./weights'"
+        "and pass the local path, e.g. weights='./weights/model.safetensors' or "
+        "weights='./weights'"
     )
 
 

@@ -18,7 +18,7 @@ Where we differ from transformers' own ``interpolate_pos_encoding``: we add ``an
 (as timm and the LLaVA-HR release do); at the native size nothing is resampled, so the
 features equal the model's ``output_hidden_states`` exactly.
 
-Weights: ``model_name_or_path`` is a local ``save_pretrained`` directory (loaded with
+Weights: ``weights`` is a local ``save_pretrained`` directory (loaded with
 ``from_pretrained(..., local_files_only=True)``; a full ``CLIPModel`` directory works too), or a
 local weight file of the vision tower. Nothing is downloaded.
 """
@@ -94,7 +94,7 @@ def _from_pretrained(model_cls: type, path: str, config: Mapping[str, Any]) -> n
         )
     except OSError as err:
         if not Path(path).expanduser().is_dir():
-            raise missing_weights_error(path, "model_name_or_path") from None
+            raise missing_weights_error(path, "weights") from None
         raise WeightsError(f"{model_cls.__name__}.from_pretrained({path!r}) failed: {err}") from None
     problems = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])]
     problems += [f"{k}: missing from the checkpoint" for k in sorted(info["missing_keys"])]
@@ -114,7 +114,7 @@ def _build_model(model_cls_name: str, config_cls_name: str, config: Mapping[str,
     if path is None:
         return model_cls(config_cls(**config))
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"model_name_or_path has to be a str path, but got {type(path).__name__}")
+        raise TypeError(f"weights has to be a str path, but got {type(path).__name__}")
     local = Path(path).expanduser()
     if local.is_dir() or (not local.exists() and _looks_like_hub_id(str(path))):
         return _from_pretrained(model_cls, str(path), config)  # a hub id only works from the local cache
@@ -129,9 +129,9 @@ class HFVisionPathway(_StackedViT):
 
     Args:
         config: keyword arguments of the transformers vision config (``CLIPVisionConfig`` /
-            ``SiglipVisionConfig``), e.g. :data:`CLIP_VIT_L_14_336`; with ``model_name_or_path``
+            ``SiglipVisionConfig``), e.g. :data:`CLIP_VIT_L_14_336`; with ``weights``
             they override the loaded config. ``None``: transformers' defaults.
-        model_name_or_path: a local directory saved by ``save_pretrained`` (or a hub id already
+        weights: a local directory saved by ``save_pretrained`` (or a hub id already
             in the local HF cache), or a local weight file of the vision tower. ``None``: random init.
         select_layer: the block whose output :meth:`forward` returns: -1 the last, -2 the
             penultimate (LLaVA), 0 the embeddings.
@@ -144,7 +144,7 @@ class HFVisionPathway(_StackedViT):
 
     Raises:
         ConfigError: a config key the transformers config does not take, a bad ``select_layer``.
-        WeightsError: ``model_name_or_path`` is not on this machine, or its weights do not fit.
+        WeightsError: ``weights`` is not on this machine, or its weights do not fit.
     """
 
     _model_class = ""
@@ -154,7 +154,7 @@ class HFVisionPathway(_StackedViT):
     def __init__(
         self,
         config: dict[str, Any] | None = None,
-        model_name_or_path: str | None = None,
+        weights: str | None = None,
         select_layer: int = -1,
         drop_prefix: bool = False,
         post_norm: bool | None = None,
@@ -163,7 +163,7 @@ class HFVisionPathway(_StackedViT):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.model = _build_model(self._model_class, self._config_class, dict(config or {}), model_name_or_path)
+        self.model = _build_model(self._model_class, self._config_class, dict(config or {}), weights)
         cfg = self.model.config
         has_cls = hasattr(self.model.embeddings, "class_embedding")
         self._init_stack(

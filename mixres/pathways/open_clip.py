@@ -19,7 +19,7 @@ download) and ``config`` is merged over it with the same layout::
   is kept as ``.model`` and run as ``timm_map`` runs a timm model (``forward_intermediates``);
   the pooling / projection head is dropped.
 
-Weights: ``checkpoint_path`` is a local open_clip checkpoint (the whole CLIP state dict with
+Weights: ``weights`` is a local open_clip checkpoint (the whole CLIP state dict with
 ``visual.*`` keys, as ``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``; only the
 image tower's keys are used). OpenAI's TorchScript archives are not read: convert them with
 open_clip first.
@@ -82,7 +82,7 @@ def open_clip_model_config(model_name: str | None, config: Mapping[str, Any] | N
     if unknown:
         raise ConfigError(f"vision_cfg has key(s) {unknown} that open_clip's CLIPVisionCfg does not take; its keys are {sorted(fields)}")
     if vision_cfg.get("timm_model_pretrained"):
-        raise ConfigError("vision_cfg.timm_model_pretrained=True downloads weights; mixres loads local ones from checkpoint_path")
+        raise ConfigError("vision_cfg.timm_model_pretrained=True downloads weights; mixres loads local ones from weights")
     if "embed_dim" not in merged:
         raise ConfigError(f"the open_clip config needs 'embed_dim' (the output projection width), got keys {sorted(merged)}")
     return merged
@@ -106,7 +106,7 @@ class OpenCLIPViTPathway(_StackedViT):
         model_name: a bundled open_clip config name, e.g. ``"ViT-L-14-336"``; ``None``: ``config`` only.
         config: open_clip model config merged over the named one (``embed_dim``, ``quick_gelu``,
             ``vision_cfg``).
-        checkpoint_path: a local open_clip checkpoint; ``None``: random init.
+        weights: a local open_clip checkpoint; ``None``: random init.
         select_layer: the block whose output :meth:`forward` returns (-1 last, -2 penultimate,
             0 the embeddings).
         drop_prefix: drop the CLS token before block 1.
@@ -131,7 +131,7 @@ class OpenCLIPViTPathway(_StackedViT):
         self,
         model_name: str | None = None,
         config: dict[str, Any] | None = None,
-        checkpoint_path: str | None = None,
+        weights: str | None = None,
         select_layer: int = -1,
         drop_prefix: bool = False,
         post_norm: bool | None = None,
@@ -151,8 +151,8 @@ class OpenCLIPViTPathway(_StackedViT):
             raise ConfigError("open_clip_vit needs every patch token (the grid); set vision_cfg.patch_dropout=0")
         if not visual.transformer.batch_first:
             raise ConfigError("open_clip_vit needs a batch-first transformer")
-        if checkpoint_path is not None:
-            load_into(visual, _visual_state_dict(checkpoint_path), str(checkpoint_path))
+        if weights is not None:
+            load_into(visual, _visual_state_dict(weights), str(weights))
         self.visual = visual
         self._init_stack(
             dim=visual.transformer.width,
@@ -208,7 +208,7 @@ class OpenCLIPConvNeXtPathway(_TimmMaps):
             ``timm_model_name``.
         out_indices: the trunk stages to return (indices into its ``feature_info``, negative
             from the end); ``None``: all.
-        checkpoint_path: a local open_clip checkpoint (``visual.trunk.*`` keys are used).
+        weights: a local open_clip checkpoint (``visual.trunk.*`` keys are used).
         device: where to put the parameters.
         dtype: parameter dtype.
 
@@ -229,7 +229,7 @@ class OpenCLIPConvNeXtPathway(_TimmMaps):
         model_name: str | None = None,
         config: dict[str, Any] | None = None,
         out_indices: Sequence[int] | None = None,
-        checkpoint_path: str | None = None,
+        weights: str | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -243,10 +243,10 @@ class OpenCLIPConvNeXtPathway(_TimmMaps):
             )
         trunk = build_open_clip_visual(model_cfg).trunk
         state_dict = None
-        if checkpoint_path is not None:
-            state_dict = strip_prefix(_visual_state_dict(checkpoint_path), "trunk.")
+        if weights is not None:
+            state_dict = strip_prefix(_visual_state_dict(weights), "trunk.")
         self.model, self.out_indices, self.dims, self.strides = feature_backbone(
-            trunk, out_indices, state_dict, str(checkpoint_path)
+            trunk, out_indices, state_dict, str(weights)
         )
         self.grad_checkpointing = False
         self.model.to(device=device, dtype=dtype)

@@ -14,7 +14,7 @@ and the ``forward_intermediates`` / ``feature_info`` contract shared by its mode
   ``dims`` and ``strides`` come from ``feature_info``. LLaVA-HR's high-res pathway is
   ``timm_map("convnext_large_mlp", out_indices=[3])`` (or ``convnext_xxlarge``).
 
-Weights: ``checkpoint_path`` is a local timm checkpoint (``.safetensors`` or a weights-only torch
+Weights: ``weights`` is a local timm checkpoint (``.safetensors`` or a weights-only torch
 file) of the whole model; keys of pruned parts (e.g. a classifier head of another size) are
 skipped. ``pretrained=True`` is refused: mixres never downloads.
 """
@@ -56,7 +56,7 @@ def create_timm_model(model_name: str, model_kwargs: Mapping[str, Any] | None = 
     if refused:
         raise ConfigError(
             f"model_kwargs may not set {refused}: mixres builds timm models with random weights and "
-            "loads local weights from checkpoint_path='/path/to/model.safetensors'"
+            "loads local weights from weights='/path/to/model.safetensors'"
         )
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
@@ -181,7 +181,7 @@ class TimmMapPathway(_TimmMaps):
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``drop_path_rate``).
         out_indices: the stages to return, indices into the model's ``feature_info``
             (negative from the end); ``None``: all.
-        checkpoint_path: a local timm checkpoint of the model (``.safetensors`` / weights-only
+        weights: a local timm checkpoint of the model (``.safetensors`` / weights-only
             torch file); ``None``: random init.
         device: where to put the parameters.
         dtype: parameter dtype.
@@ -202,16 +202,16 @@ class TimmMapPathway(_TimmMaps):
         model_name: str,
         model_kwargs: dict[str, Any] | None = None,
         out_indices: Sequence[int] | None = None,
-        checkpoint_path: str | None = None,
+        weights: str | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         model = create_timm_model(model_name, model_kwargs)
-        state_dict = load_state_dict_file(checkpoint_path) if checkpoint_path is not None else None
+        state_dict = load_state_dict_file(weights) if weights is not None else None
         self.model, self.out_indices, self.dims, self.strides = feature_backbone(
-            model, out_indices, state_dict, str(checkpoint_path)
+            model, out_indices, state_dict, str(weights)
         )
         self.grad_checkpointing = False
         self.model.to(device=device, dtype=dtype)
@@ -226,7 +226,7 @@ class TimmViTPathway(_StackedViT):
     Args:
         model_name: a timm ViT name, e.g. ``"vit_large_patch14_clip_336"``.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``depth``, ...).
-        checkpoint_path: a local timm checkpoint of the model; ``None``: random init.
+        weights: a local timm checkpoint of the model; ``None``: random init.
         select_layer: the block whose output :meth:`forward` returns (-1 last, -2 penultimate,
             0 the embeddings).
         drop_prefix: drop the prefix tokens before block 1 (as LLaVA-HR does for CLIP).
@@ -251,7 +251,7 @@ class TimmViTPathway(_StackedViT):
         self,
         model_name: str,
         model_kwargs: dict[str, Any] | None = None,
-        checkpoint_path: str | None = None,
+        weights: str | None = None,
         select_layer: int = -1,
         drop_prefix: bool = False,
         post_norm: bool | None = None,
@@ -273,8 +273,8 @@ class TimmViTPathway(_StackedViT):
             )
         if not isinstance(model.patch_drop, nn.Identity):
             raise ConfigError("timm_vit needs every patch token (the grid); remove patch_drop_rate from model_kwargs")
-        state_dict = load_state_dict_file(checkpoint_path) if checkpoint_path is not None else None
-        self.model = prune_and_load(model, _prune_vit_head, state_dict, str(checkpoint_path))
+        state_dict = load_state_dict_file(weights) if weights is not None else None
+        self.model = prune_and_load(model, _prune_vit_head, state_dict, str(weights))
         self._init_stack(
             dim=model.embed_dim,
             patch_size=model.patch_embed.patch_size,
