@@ -7,9 +7,10 @@
 
 The encoder comes from a model directory (a recipe / mrified ``save_pretrained`` output, or a
 ``mixres convert`` output with ``mixres_config.json``) or from a preset (random weights; its
-zero-init MR-Adapters give exactly zero maps, which the figure says). The image is prepared as
-the recipe does (pad to a square with the mean colour, resize to the encoder's input size,
-CLIP normalisation), the maps come from :func:`mixres.explain.explain`, and the figure shows the
+zero-init MR-Adapters give exactly zero maps, which the figure says). The image goes through
+the processor saved with the model (as in training and evaluation), or, for a preset or a
+converted encoder, the recipe's preprocessing (pad to a square with the mean colour, resize to
+the encoder's input size, CLIP normalisation); the maps come from :func:`mixres.explain.explain`, and the figure shows the
 image, the summed high-res heat map over it, one panel per adapter with its gate, and one
 panel per cross-attention map (the chosen token's cell outlined). Each panel is coloured from
 its own minimum to its maximum (both printed), so a map that is nearly constant still shows
@@ -33,8 +34,19 @@ from .explain import Explanation, explain, find_encoder
 __all__ = ["load_encoder", "plot_explanation", "build_parser", "run", "main"]
 
 
-def load_encoder(model: str | None = None, encoder: str | None = None) -> tuple[torch.nn.Module, int, str]:
-    """``(encoder, input side, aspect ratio)`` from a model directory or an encoder preset.
+def _recipe_images(side: int, aspect_ratio: str = "pad") -> tuple[Any, tuple, tuple]:
+    from mixres.integrations.llava.data import ImagePreprocessor
+
+    prep = ImagePreprocessor(side, aspect_ratio=aspect_ratio)
+    return prep, tuple(prep.mean), tuple(prep.std)
+
+
+def load_encoder(model: str | None = None, encoder: str | None = None) -> tuple[torch.nn.Module, Any, tuple, tuple]:
+    """``(encoder, prepare, mean, std)`` from a model directory or an encoder preset.
+
+    ``prepare`` turns a PIL image into the encoder's ``Tensor[3, S, S]``: the processor saved
+    with a ``save_pretrained`` model (what training and evaluation used), else the recipe's
+    preprocessing (pad to square, resize to the encoder's size, CLIP normalisation).
 
     Raises:
         MixresError: neither or both given, or a directory that holds no model.
@@ -45,35 +57,32 @@ def load_encoder(model: str | None = None, encoder: str | None = None) -> tuple[
         import mixres
 
         built = mixres.create_encoder(encoder)
-        return built.eval(), int(built.image_size[0]), "pad"
+        return (built.eval(), *_recipe_images(int(built.image_size[0])))
     directory = Path(model)
     if (directory / "mixres_config.json").is_file():
         from .convert import load_converted
 
         built = load_converted(directory)[0]
-        return built.eval(), int(built.image_size[0]), "pad"
+        return (built.eval(), *_recipe_images(int(built.image_size[0])))
     if not (directory / "config.json").is_file():
         raise MixresError(f"{model!r} holds neither config.json (a save_pretrained model) nor mixres_config.json "
                           "(a mixres convert output)")
     from mixres.integrations.hf import load_pretrained
+    from mixres.integrations.llava.model import ProcessorImages
 
-    hf_model, _ = load_pretrained(directory)
-    recipe = json.loads((directory / "recipe.json").read_text()) if (directory / "recipe.json").is_file() else {}
-    side = int(hf_model.config.vision_config.image_size)
-    return find_encoder(hf_model).eval(), side, recipe.get("aspect_ratio", "pad")
+    hf_model, processor = load_pretrained(directory)
+    images = ProcessorImages(processor)
+    ip = images.image_processor
+    return find_encoder(hf_model).eval(), images, tuple(ip.image_mean), tuple(ip.image_std)
 
 
-def _prepare(image_path: str, side: int, aspect_ratio: str) -> tuple[torch.Tensor, Any]:
+def _prepare(image_path: str, prepare: Any, mean: tuple, std: tuple) -> tuple[torch.Tensor, Any]:
     """The normalised tensor the encoder reads and the RGB picture it shows (same geometry)."""
     from PIL import Image
 
-    from mixres.integrations.llava.data import ImagePreprocessor
-
-    prep = ImagePreprocessor(side, aspect_ratio=aspect_ratio)
     with Image.open(image_path) as opened:
-        picture = opened.convert("RGB")
-    pixels = prep(picture)
-    shown = (pixels * torch.tensor(prep.std).view(3, 1, 1) + torch.tensor(prep.mean).view(3, 1, 1)).clamp(0, 1)
+        pixels = prepare(opened.convert("RGB"))
+    shown = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
     return pixels[None], shown.permute(1, 2, 0).numpy()
 
 
@@ -153,8 +162,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args: argparse.Namespace) -> int:
     """Run ``mixres explain`` from parsed arguments; returns the exit code."""
     try:
-        encoder, side, aspect = load_encoder(args.model, args.encoder)
-        pixels, shown = _prepare(args.image, side, aspect)
+        encoder, prepare, mean, std = load_encoder(args.model, args.encoder)
+        pixels, shown = _prepare(args.image, prepare, mean, std)
         exp = explain(encoder, pixels.to(next(encoder.parameters()).dtype), token=tuple(args.token) if args.token else None)
     except (MixresError, OSError) as err:  # OSError: missing or unreadable image (PIL raises its subclasses)
         print(f"mixres explain: {err}", file=sys.stderr)
