@@ -25,7 +25,8 @@ from transformers import LlavaImageProcessorPil
 from transformers.image_utils import PILImageResampling
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..llava.data import expand2square
+from mixres.images import expand2square
+
 from .errors import ImageInputError
 
 __all__ = [

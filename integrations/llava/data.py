@@ -37,8 +37,9 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from mixres._utils import check_choice, check_positive_int, lazy_import
 from mixres.errors import MixresError
+from mixres.images import expand2square
+from mixres.utils import check_choice, check_positive_int, lazy_import
 
 from .templates import Rendered, Template, TemplateError, get_template
 
@@ -83,30 +84,6 @@ class _UnreadableImage(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # images
-
-
-def expand2square(image: Any, background: tuple[int, int, int]) -> Any:
-    """Pad a PIL image to a square, centred, with a ``background`` colour (LLaVA's function).
-
-    Args:
-        image: a PIL image of size ``(w, h)``.
-        background: the fill colour, e.g. ``tuple(int(x * 255) for x in CLIP_MEAN)``.
-
-    Returns:
-        The image itself if square, else a new ``max(w, h)``-square image.
-
-    Example:
-        >>> sq = expand2square(Image.new("RGB", (30, 10), (255, 0, 0)), (122, 116, 104))
-        >>> sq.size, sq.getpixel((0, 0)), sq.getpixel((15, 15))
-        ((30, 30), (122, 116, 104), (255, 0, 0))
-    """
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    result = Image.new(image.mode, (side, side), background)
-    result.paste(image, ((side - w) // 2, (side - h) // 2))
-    return result
 
 
 # modes PIL converts to 8-bit RGB without losing the scale; 16-bit grey (``I;16*``, what PIL
