@@ -228,3 +228,13 @@ def test_integrations_use_only_public_core_names_and_hf_never_imports_llava():
                     f"{path.relative_to(ROOT)} imports the private {module}"
                 if path.parent.name == "hf":
                     assert "llava" not in module.split("."), f"{path.relative_to(ROOT)} imports {module}: hf must not import llava"
+
+
+def test_configs_saved_with_the_old_weight_argument_names_still_build():
+    from mixres.encoders.presets import TINY_VIT as vit
+
+    with pytest.warns(FutureWarning, match="'model_name_or_path' is now 'weights'"):
+        pathway = mixres.build({"kind": "pathway", "name": "hf_clip", "config": vit, "model_name_or_path": None})
+    assert pathway.config["weights"] is None
+    with pytest.raises(ConfigError, match="keep only 'weights'"):
+        mixres.build({"kind": "pathway", "name": "timm_map", "model_name": "convnext_atto", "checkpoint_path": None, "weights": None})
