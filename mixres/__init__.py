@@ -15,7 +15,7 @@ from .encoders.anyres import AnyResEncoder
 from .encoders.dual import DualPathwayEncoder
 from .encoders.factory import create_encoder
 from .encoders.s2 import S2Encoder
-from .errors import ConfigError, MixresError, ShapeError, UnknownNameError, WeightsError
+from .errors import CheckpointError, ConfigError, DeviceError, MixresError, ShapeError, UnknownNameError, WeightsError
 from .fusions import Fusion, MRAdapter, MRFinalFusion
 from .grid import map_to_tokens, resample, resample_pos_embed, tokens_to_map
 from .multiscale import s2_forward
@@ -100,6 +100,8 @@ __all__ = [
     "MLPProjector",
     "IdentityProjector",
     "MixresError",
+    "DeviceError",
+    "CheckpointError",
     "ShapeError",
     "ConfigError",
     "UnknownNameError",

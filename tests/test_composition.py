@@ -238,3 +238,14 @@ def test_configs_saved_with_the_old_weight_argument_names_still_build():
     assert pathway.config["weights"] is None
     with pytest.raises(ConfigError, match="keep only 'weights'"):
         mixres.build({"kind": "pathway", "name": "timm_map", "model_name": "convnext_atto", "checkpoint_path": None, "weights": None})
+
+
+def test_chat_and_training_read_a_16_bit_png_alike():
+    """One image path: a white 16-bit grey image is white (not refused, not clipped) in both."""
+    from PIL import Image
+
+    from mixres.integrations.hf.images import check_image
+    from mixres.integrations.llava.data import to_rgb
+
+    grey16 = Image.new("I;16", (32, 32), 0x8000)
+    assert check_image(grey16).getpixel((0, 0)) == to_rgb(grey16).getpixel((0, 0)) == (128, 128, 128)

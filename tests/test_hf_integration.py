@@ -236,8 +236,8 @@ def test_generate_refuses_too_small_and_unsupported_images(family):
     *_, model, processor, prompts = family
     with pytest.raises(ImageInputError, match=r"images\[1\] is 5x40 pixels"):
         generate(model, processor, [_images()[0], Image.new("RGB", (5, 40))], prompts)
-    with pytest.raises(ImageInputError, match=r"images\[0\] has PIL mode 'I;16'"):
-        generate(model, processor, [Image.new("I;16", (32, 32)), _images()[0]], prompts)
+    with pytest.raises(ImageInputError, match=r"images\[0\] has PIL mode 'F'"):
+        generate(model, processor, [Image.new("F", (32, 32)), _images()[0]], prompts)
     with pytest.raises(ImageInputError, match="has to be a PIL.Image"):
         generate(model, processor, ["cat.jpg", _images()[0]], prompts)
 

@@ -25,7 +25,9 @@ from transformers import LlavaImageProcessorPil
 from transformers.image_utils import PILImageResampling
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from mixres.images import expand2square
+from mixres.errors import MixresError
+from mixres.images import RGB_MODES, SIXTEEN_BIT_MODES, expand2square
+from mixres.images import to_rgb as _to_rgb
 
 from .errors import ImageInputError
 
@@ -44,7 +46,7 @@ __all__ = [
 # below this an image holds less than one ViT patch, and a side of 1 or 3 pixels is mistaken
 # for the channel axis by transformers' channel-format inference
 MIN_IMAGE_SIDE = 8
-CONVERTIBLE_MODES: tuple[str, ...] = ("RGB", "RGBA", "RGBX", "LA", "PA", "L", "1", "P", "CMYK", "YCbCr")
+CONVERTIBLE_MODES: tuple[str, ...] = RGB_MODES + SIXTEEN_BIT_MODES  # as the training data (mixres.images.to_rgb)
 
 
 def check_image(image: object, index: int = 0, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
@@ -81,16 +83,12 @@ def check_image(image: object, index: int = 0, min_side: int = MIN_IMAGE_SIDE) -
 
 
 def to_rgb(image: Image.Image, index: int = 0) -> Image.Image:
-    """Convert a PIL image of a :data:`CONVERTIBLE_MODES` mode to RGB; refuse the others."""
-    if image.mode == "RGB":
-        return image
-    if image.mode not in CONVERTIBLE_MODES:
-        raise ImageInputError(
-            f"images[{index}] has PIL mode {image.mode!r}, which has no agreed conversion to 8-bit RGB; "
-            f"convert it yourself (e.g. for 16-bit: Image.fromarray((np.asarray(img) >> 8).astype('uint8')).convert('RGB')); "
-            f"accepted modes: {list(CONVERTIBLE_MODES)}"
-        )
-    return image.convert("RGB")
+    """Convert a PIL image to RGB as the training data does (:func:`mixres.images.to_rgb`: 16-bit
+    grey keeps its top 8 bits); refuse modes with no agreed conversion (32-bit, float)."""
+    try:
+        return _to_rgb(image)
+    except MixresError as err:
+        raise ImageInputError(f"images[{index}] has PIL mode {image.mode!r}: {err}") from None
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float] = OPENAI_CLIP_MEAN) -> Image.Image:

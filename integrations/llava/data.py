@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mixres.errors import MixresError
-from mixres.images import expand2square
+from mixres.images import RGB_MODES, SIXTEEN_BIT_MODES, expand2square, to_rgb
 from mixres.utils import check_choice, check_positive_int, lazy_import
 
 from .templates import Rendered, Template, TemplateError, get_template
@@ -88,44 +88,6 @@ class _UnreadableImage(Exception):
 
 # modes PIL converts to 8-bit RGB without losing the scale; 16-bit grey (``I;16*``, what PIL
 # opens a 16-bit grey PNG as) is scaled by hand; 32-bit ``I`` / float ``F`` have no agreed range
-RGB_MODES: tuple[str, ...] = ("RGB", "RGBA", "RGBX", "LA", "PA", "L", "1", "P", "CMYK", "YCbCr", "La", "RGBa")
-SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def to_rgb(image: Any) -> Any:
-    """Convert a PIL image to 8-bit RGB without changing what it shows, or refuse it.
-
-    PIL's ``convert("RGB")`` clips a 16-bit grey image (mode ``I;16``) at 255, which turns a
-    normal 16-bit PNG pure white; here 16-bit grey keeps its top 8 bits (``v >> 8``, so 65535
-    -> 255 and 32768 -> 128). 32-bit integer (``I``) and float (``F``) images, and any mode not
-    in :data:`RGB_MODES`, are refused: their scale is not known.
-
-    Raises:
-        TypeError: not a PIL image.
-        MixresError: a mode with no agreed conversion; the message says how to convert.
-
-    Example:
-        >>> grey16 = Image.new("I;16", (2, 2), 0xFFFF)  # what a white 16-bit grey PNG opens as
-        >>> to_rgb(grey16).getpixel((0, 0))
-        (255, 255, 255)
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image has to be a PIL.Image, but got {type(image).__name__}")
-    if image.mode == "RGB":
-        return image
-    if image.mode in RGB_MODES:
-        return image.convert("RGB")
-    if image.mode in SIXTEEN_BIT_MODES:
-        import numpy as np
-
-        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)  # astype: I;16B is big-endian
-        return Image.fromarray(grey).convert("RGB")
-    raise MixresError(
-        f"image mode {image.mode!r} has no agreed conversion to 8-bit RGB (its value range is unknown); "
-        f"convert the file to 8-bit first; accepted modes: {list(RGB_MODES + SIXTEEN_BIT_MODES)}"
-    )
-
-
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """PIL image -> normalised float tensor ``[3, size, size]``, as LLaVA feeds its vision tower.
