@@ -18,7 +18,7 @@ from ..pathways.hf import CLIP_VIT_L_14_336
 from ..registry import register_encoder_preset
 from .dual import llava_hr_injections
 
-__all__ = ["llava_hr_config", "TINY_VIT", "TINY_CNN"]
+__all__ = ["llava_hr_config", "TINY_VIT", "TINY_CNN", "TINY_CNN_SCRATCH"]
 
 # hub ids of the release's backbones; create_encoder(pretrained=True) looks them up locally only
 _WEIGHTS = {
@@ -77,4 +77,23 @@ register_encoder_preset(
     "llava-hr-tiny-vit-hr",
     {**llava_hr_config(256, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN),
      "injections": [], "final_fusion": None, "resolution": {"policy": "fixed", "size": 64}, "freeze": ["map_pathway"]},
+)
+# the toy effect (benchmarks/effect.py, the demo): 128-px images of the hatch task. timm's
+# ConvNeXt starts every residual block as ~the identity (layer scale 1e-6), which a CNN trained
+# from scratch in a few hundred steps cannot afford: layer scale 1.0. The adapters read stage 1
+# (stride 8: a 3-4 px segment still spans a cell) and the final fusion stage 0 (stride 4); the
+# ViT reads 16 px (4x4 = 16 tokens).
+TINY_CNN_SCRATCH: dict[str, Any] = dict(TINY_CNN, ls_init_value=1.0)
+_TINY_128 = {**llava_hr_config(128, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN_SCRATCH),
+             "resolution": {"policy": "llava_hr", "stride": 32, "min_size": 16}}
+register_encoder_preset(
+    "llava-hr-tiny-128",
+    {**_TINY_128, "injections": llava_hr_injections(4, {"name": "mr_adapter"}, map_stage=1), "final_map_stage": 0},
+)
+register_encoder_preset("llava-hr-tiny-128-lowres", {**_TINY_128, "injections": [], "final_fusion": None})
+# the single high-res ViT at 4x the tokens: 32 px, 8x8 = 64 tokens; the unused CNN is frozen
+register_encoder_preset(
+    "llava-hr-tiny-128-vit4x",
+    {**_TINY_128, "injections": [], "final_fusion": None, "resolution": {"policy": "fixed", "size": 32},
+     "freeze": ["map_pathway"]},
 )
