@@ -137,7 +137,7 @@ def test_bad_images(images, error, match):
 def test_bad_construction():
     with pytest.raises(ConfigError, match=r"after_block'\] has to be in \[1, 4\].*got 9"):
         mixres.create_encoder("llava-hr-tiny", injections=[{"after_block": 9, "fusion": {"name": "mr_adapter"}}])
-    with pytest.raises(ConfigError, match="high_dim=7, but map stage 3 has 64 channels"):
+    with pytest.raises(ConfigError, match=r"widths \[7\], but map stage\(s\) 3 have \[64\] channels"):
         mixres.create_encoder("llava-hr-tiny", injections=[{"after_block": 1, "fusion": {"name": "mr_adapter", "high_dim": 7}}])
     with pytest.raises(ConfigError, match="only the final fusion may"):
         mixres.create_encoder("llava-hr-tiny", injections=[{"after_block": 1, "fusion": {"name": "mr_final", "out_dim": 8}}])

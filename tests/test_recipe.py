@@ -85,7 +85,7 @@ def test_stage2_trains_adapters_and_overfits_a_batch(tmp_path, data):
     trainer = _run(_args(tmp_path / "s2", data["root"] / "batch.json", "--max_steps", 25, "--learning_rate", 3e-3,
                          "--per_device_train_batch_size", 4, "--lr_scheduler_type", "constant", "--warmup_steps", 0), [snap])
     parts, _ = _parts_changed(snap, trainer.model)
-    assert parts == set(recipe.PARTS)
+    assert parts == {"token_pathway", "map_pathway", "adapters", "final_fusion", "projector", "llm"}
     adapters = trainer.model.model.vision_tower.encoder.adapters
     assert len(adapters) == 3 and all(any(f"adapters.{i}." in n for n in _changed(snap, trainer.model)) for i in range(3))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -97,9 +97,9 @@ def test_stage2_from_stage1_with_freeze_and_lora(tmp_path, data):
     _run(_args(tmp_path / "s1", data["train_stage1"], "--max_steps", 1, stage=1))
     snap = Snapshot()
     trainer = _run(_args(tmp_path / "s2", data["train"], "--model", tmp_path / "s1", "--max_steps", 2,
-                         "--freeze", "vit,cnn", "--lora", "true", "--lora_r", 4, "--lora_alpha", 8), [snap])
+                         "--freeze", "token_pathway,map_pathway", "--lora", "llm", "--lora_r", 4, "--lora_alpha", 8), [snap])
     parts, changed = _parts_changed(snap, trainer.model)
-    assert parts == {"adapters", "final_fusion", "projector", "llm"}  # not vit, cnn
+    assert parts == {"adapters", "final_fusion", "projector", "llm"}  # not the two pathways
     llm_changed = {n.rsplit(".", 2)[-2] for n in changed if "language_model" in n or "lm_head" in n}
     assert llm_changed == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # LoRA, merged
     assert not any("lora_" in n for n, _ in trainer.model.named_parameters())
@@ -209,10 +209,11 @@ def test_config_errors_name_the_problem(tmp_path, data):
     bad.write_text("stage: 2\nlearning_rat: 0.1\n")
     with pytest.raises(recipe.RecipeError, match="learning_rat.*learning_rate"):
         recipe.parse_args(["--recipe", str(bad)])
-    with pytest.raises(recipe.RecipeError, match="stage 1 trains the projector"):
-        recipe.parse_args(_args(tmp_path, data["train"], "--freeze", "vit", stage=1))
-    with pytest.raises(recipe.RecipeError, match="freeze takes parts"):
-        recipe.parse_args(_args(tmp_path, data["train"], "--freeze", "vision"))
+    with pytest.raises(recipe.RecipeError, match="lora adapts the LLM only"):
+        recipe.parse_args(_args(tmp_path, data["train"], "--lora", "token_pathway"))
+    model, _ = recipe.build_model(recipe.RecipeArguments(data_path=str(data["train"])))
+    with pytest.raises(recipe.RecipeError, match=r"unknown part\(s\) \['vision'\].*token_pathway"):
+        recipe.set_trainable(model, ["all"], ["vision"])
     with pytest.raises(recipe.RecipeError, match="not a multiple"):
         recipe.parse_args(_args(tmp_path, data["train"], "--global_batch_size", 10, "--per_device_train_batch_size", 4))
     with pytest.raises(recipe.RecipeError, match="local causal-LM directory"):

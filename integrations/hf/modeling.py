@@ -1,4 +1,4 @@
-"""A transformers-native vision tower around a mixres :class:`~mixres.encoders.dual.DualPathwayEncoder`.
+"""A transformers-native vision tower around any mixres encoder (:class:`~mixres.encoders.base.Encoder`).
 
 :class:`MixresVisionConfig` (``model_type = "mixres_vision"``) holds the encoder's config
 dict (``mixres.build`` rebuilds it) and the fields LLaVA-style code reads from a
@@ -141,7 +141,7 @@ class MixresVisionModel(PreTrainedModel):
     base_model_prefix = "mixres_vision"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["DualPathwayEncoder"]
+    _no_split_modules = ["DualPathwayEncoder", "S2Encoder", "AnyResEncoder"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -158,6 +158,7 @@ class MixresVisionModel(PreTrainedModel):
                 f"the encoder's out_dim is {self.encoder.out_dim} but the config says hidden_size={config.hidden_size}"
             )
         self.patch_size = config.patch_size
+        self._no_split_modules = [type(self.encoder).__name__]
         if not _on_meta_device():  # built for real: keep the libraries' own inits (zero-init adapters, ...)
             for tensor in (*self.encoder.parameters(), *self.encoder.buffers()):
                 tensor._is_hf_initialized = True
@@ -165,24 +166,28 @@ class MixresVisionModel(PreTrainedModel):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        """Whether the pathways recompute activations in the backward pass.
+        """Whether the encoder's parts recompute activations in the backward pass.
 
         Set by transformers' ``gradient_checkpointing_enable`` on the whole MLLM. transformers
         ViT blocks are ``GradientCheckpointingLayer`` s that the same call switches on, so the
-        encoder's own checkpointing is used only for pathways without them (the CNN, timm ViTs).
+        encoder's own checkpointing is used only for the parts without them (a CNN, timm ViTs);
+        only the encoder contract (``parts``) is used, so every registered encoder works.
         """
-        return bool(getattr(self.encoder.map_pathway, "grad_checkpointing", False))
+        return bool(getattr(self, "_grad_checkpointing", False))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enable: bool) -> None:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        self.encoder.map_pathway.set_grad_checkpointing(enable)
-        if not any(isinstance(m, GradientCheckpointingLayer) for m in self.encoder.token_pathway.modules()):
-            self.encoder.token_pathway.set_grad_checkpointing(enable)
+        self._grad_checkpointing = bool(enable)
+        for part in self.encoder.parts().values():
+            if not isinstance(part, torch.nn.Module) or not hasattr(part, "set_grad_checkpointing"):
+                continue
+            if not any(isinstance(m, GradientCheckpointingLayer) for m in part.modules()):
+                part.set_grad_checkpointing(enable)
 
     def get_input_embeddings(self) -> torch.nn.Module:
-        return self.encoder.token_pathway
+        return self.encoder.parts().get("token_pathway", self.encoder)
 
     def forward(
         self,
@@ -198,7 +203,8 @@ class MixresVisionModel(PreTrainedModel):
                 f"the mixres vision tower returns one hidden state (the encoder's tokens), but layer(s) {selected} were "
                 "requested; set vision_feature_layer=-1 and vision_feature_select_strategy='full' in the model config"
             )
-        tokens, _ = self.encoder(pixel_values.to(self.dtype))
+        tokens = self.encoder(pixel_values.to(self.dtype))
+        tokens = tokens[0] if isinstance(tokens, tuple) else torch.stack(tokens)  # AnyRes: one tensor per image
         out = BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=None, hidden_states=(tokens,))
         return out if return_dict is not False else out.to_tuple()
 

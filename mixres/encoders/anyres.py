@@ -159,6 +159,11 @@ class AnyResEncoder(Encoder):
         """
         raise MixresError("AnyResEncoder output is not one grid (base tokens + tile rows); use num_tokens() or layout()")
 
+    def parts(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The inner encoder's parts (a bare pathway is ``token_pathway``), and ``newline``."""
+        inner = self.encoder.parts() if isinstance(self.encoder, Encoder) else {"token_pathway": self.encoder}
+        return {**inner, **({"newline": self.image_newline} if self.image_newline is not None else {})}
+
     def crops(self, image: torch.Tensor) -> tuple[torch.Tensor, AnyResLayout]:
         """The base image and the tiles of one ``image (Tensor[3, H, W])``: ``Tensor[1 + nh*nw, 3, t, t]``."""
         layout = self.layout(tuple(image.shape[-2:]))

@@ -1,7 +1,15 @@
 """The encoder contract: images in, tokens for the LLM out.
 
 An encoder composes pathways, fusions and a resolution policy. It is the only place that knows
-both backbones and fusions.
+both backbones and fusions. The HF vision tower (:mod:`mixres.integrations.hf`) and the
+training recipe (:mod:`mixres.integrations.llava`) use only what this class declares, so every
+registered encoder (dual-pathway, S2, AnyRes, a plugin's) is a tower and a recipe model:
+
+- :attr:`out_dim`, :attr:`image_size`, :meth:`grid_for` / :meth:`num_tokens` (run nothing; they
+  follow the final fusion, so the LLM's ``<image>`` expansion is always right);
+- :meth:`parts`: the named sub-modules that run in ``forward``, one vocabulary for freezing
+  (:meth:`set_freeze`), the recipe's ``trainable`` lists and the docs;
+- :meth:`set_grad_checkpointing`: recompute activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -12,9 +20,13 @@ import torch
 from torch import nn
 
 from .._utils import to_2tuple
+from ..errors import ConfigError
 from ..registry import Configurable
 
-__all__ = ["Encoder"]
+__all__ = ["Encoder", "KNOWN_PARTS"]
+
+#: the part names of mixres' own encoders (plugins may add their own)
+KNOWN_PARTS: tuple[str, ...] = ("token_pathway", "map_pathway", "adapters", "final_fusion", "newline")
 
 
 class Encoder(Configurable, nn.Module):
@@ -23,10 +35,12 @@ class Encoder(Configurable, nn.Module):
     Attributes:
         out_dim: width of the tokens returned by :meth:`forward`.
         image_size: the input ``(H, W)`` the encoder is meant for.
+        frozen: the parts that :meth:`set_freeze` froze.
     """
 
     out_dim: int
     image_size: tuple[int, int]
+    frozen: tuple[str, ...] = ()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode normalised images.
@@ -50,3 +64,37 @@ class Encoder(Configurable, nn.Module):
             image_size = self.image_size
         h, w = self.grid_for(to_2tuple("image_size", tuple(image_size) if not isinstance(image_size, int) else image_size))
         return h * w
+
+    def parts(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The named parts that run in :meth:`forward` (absent or unused ones are left out).
+
+        Every parameter of the encoder that ``forward`` uses belongs to exactly one part; a part
+        is a module or a single parameter (AnyRes' ``newline``).
+        """
+        raise NotImplementedError
+
+    def set_freeze(self, parts: Sequence[str]) -> None:
+        """Freeze (no gradient) the named parts and unfreeze the others.
+
+        A known part name that this encoder lacks (``final_fusion`` when there is none) is
+        ignored, so one freeze list serves several encoders.
+
+        Raises:
+            ConfigError: a name that is neither one of :meth:`parts` nor of :data:`KNOWN_PARTS`.
+        """
+        if isinstance(parts, str):
+            raise ConfigError(f"freeze takes a list of part names, but got the string {parts!r}")
+        own = self.parts()
+        unknown = sorted(set(parts) - set(own) - set(KNOWN_PARTS))
+        if unknown:
+            raise ConfigError(f"freeze takes parts {list(own)} of this {type(self).__name__}, but got {unknown}")
+        self.frozen = tuple(p for p in own if p in parts)
+        for name, module in own.items():
+            module.requires_grad_(name not in self.frozen)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of every part that supports it in the backward pass."""
+        self.grad_checkpointing = bool(enable)
+        for module in self.parts().values():
+            if hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(enable)

@@ -33,7 +33,9 @@ from .resolution import check_policy, vit_input_size
 
 __all__ = ["DualPathwayEncoder", "PARTS", "llava_hr_injections"]
 
+#: the parts a dual-pathway encoder may have (:meth:`DualPathwayEncoder.parts` lists those it uses)
 PARTS: tuple[str, ...] = ("token_pathway", "map_pathway", "adapters", "final_fusion")
+Stage = int | tuple[int, ...]
 
 
 def llava_hr_injections(num_blocks: int, fusion: Mapping[str, Any], map_stage: int = -1) -> list[dict[str, Any]]:
@@ -49,18 +51,26 @@ def llava_hr_injections(num_blocks: int, fusion: Mapping[str, Any], map_stage: i
     return [{"after_block": k * num_blocks // 4, "map_stage": map_stage, "fusion": dict(fusion)} for k in (1, 2, 3)]
 
 
+def _select(maps: list[torch.Tensor], stage: Stage) -> torch.Tensor | list[torch.Tensor]:
+    return [maps[s] for s in stage] if isinstance(stage, tuple) else maps[stage]
+
+
 class DualPathwayEncoder(Encoder):
     """A token pathway (ViT) with fusions of a map pathway's (CNN's) maps between its blocks.
 
     Args:
         token_pathway: a registered token pathway, its config, or its registered name.
         map_pathway: a registered map pathway, its config, or its registered name.
-        injections: ``[{"after_block": k, "map_stage": s, "fusion": <fusion or config>}]``; the
-            fusion's ``low_dim``/``high_dim`` default to the ViT width and the stage's width.
-        final_fusion: optional fusion (or config) applied to the selected layer's tokens.
-        final_map_stage: which map stage the final fusion reads (default the last).
+        injections: ``[{"after_block": k, "map_stage": s, "fusion": <fusion or config>}]``; ``s``
+            is a stage index or a list of them (a multi-source fusion such as ``sva`` or
+            ``channel_concat`` then gets a list of maps); the fusion's ``low_dim``/``high_dim``
+            default to the ViT width and the stage's width (a list for several stages).
+            In-stream fusions keep the width and the grid.
+        final_fusion: optional fusion (or config) applied to the selected layer's tokens; it may
+            change the width and the grid (``sva`` with ``query_grid``): :meth:`grid_for` follows.
+        final_map_stage: which map stage(s) the final fusion reads (default the last).
         resolution: the resolution policy (:func:`~mixres.encoders.resolution.check_policy`).
-        freeze: parts whose parameters get no gradient: any of ``token_pathway``,
+        freeze: parts whose parameters get no gradient (:meth:`parts`): any of ``token_pathway``,
             ``map_pathway``, ``adapters``, ``final_fusion``.
         grad_checkpointing: recompute both pathways' activations in the backward pass.
         image_size: the input resolution this encoder is meant for (presets set it; processors
@@ -77,7 +87,7 @@ class DualPathwayEncoder(Encoder):
         map_pathway: MapPathway | Mapping[str, Any] | str,
         injections: Sequence[Mapping[str, Any]] = (),
         final_fusion: nn.Module | Mapping[str, Any] | None = None,
-        final_map_stage: int = -1,
+        final_map_stage: int | Sequence[int] = -1,
         resolution: Mapping[str, Any] | None = None,
         freeze: Sequence[str] = (),
         grad_checkpointing: bool = False,
@@ -106,17 +116,33 @@ class DualPathwayEncoder(Encoder):
         native = self.token_pathway.image_size
         self.image_size = to_2tuple("image_size", native if image_size is None else (image_size if isinstance(image_size, int) else tuple(image_size)))
         self.out_dim = self.final_fusion.out_dim if self.final_fusion is not None else self.token_pathway.dim
+        self._check_grids()
         self.set_freeze(freeze)
         self.set_grad_checkpointing(grad_checkpointing)
 
     # -- construction checks ------------------------------------------------------------
-    def _check_stage(self, stage: int, where: str) -> int:
+    def _check_stage(self, stage: int | Sequence[int], where: str) -> Stage:
+        """A stage index (or a non-empty list of them, for multi-source fusions), normalised."""
         n = self.map_pathway.num_stages
-        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
-            raise ConfigError(f"{where} has to be a stage index in [-{n}, {n - 1}], but got {stage!r}")
-        return stage % n
+        many = isinstance(stage, (list, tuple))
+        stages = list(stage) if many else [stage]
+        if not stages or any(isinstance(s, bool) or not isinstance(s, int) or not -n <= s < n for s in stages):
+            raise ConfigError(f"{where} has to be a stage index in [-{n}, {n - 1}] or a non-empty list of them, but got {stage!r}")
+        return tuple(s % n for s in stages) if many else stages[0] % n
 
-    def _check_injection(self, i: int, inj: Mapping[str, Any]) -> tuple[int, int]:
+    def _stage_dims(self, stage: Stage) -> int | list[int]:
+        dims = self.map_pathway.dims
+        return [dims[s] for s in stage] if isinstance(stage, tuple) else dims[stage]
+
+    def _check_grids(self) -> None:
+        """In-stream fusions keep the token grid (checked on the grid of :attr:`image_size`)."""
+        grid = self.token_pathway.grid_for(self.vit_size(self.image_size))
+        for i, adapter in enumerate(self.adapters):
+            if tuple(adapter.output_grid(grid)) != tuple(grid):
+                raise ConfigError(f"injections[{i}].fusion returns grid {adapter.output_grid(grid)} for grid {grid}; only the "
+                                  "final fusion may change the grid (e.g. sva's query_grid)")
+
+    def _check_injection(self, i: int, inj: Mapping[str, Any]) -> tuple[int, Stage]:
         if not isinstance(inj, Mapping) or not {"after_block", "fusion"} <= set(inj):
             raise ConfigError(f"injections[{i}] has to be a dict with 'after_block' and 'fusion', but got {inj!r}")
         extra = sorted(set(inj) - {"after_block", "map_stage", "fusion"})
@@ -128,16 +154,19 @@ class DualPathwayEncoder(Encoder):
             raise ConfigError(f"injections[{i}]['after_block'] has to be in [1, {last}] (blocks run), but got {k!r}")
         return k, self._check_stage(inj.get("map_stage", -1), f"injections[{i}]['map_stage']")
 
-    def _make_fusion(self, fusion: Any, stage: int, where: str, in_stream: bool) -> nn.Module:
+    def _make_fusion(self, fusion: Any, stage: Stage, where: str, in_stream: bool) -> nn.Module:
+        dims = self._stage_dims(stage)
         if isinstance(fusion, Mapping):
             fusion = dict(fusion)
             fusion.setdefault("low_dim", self.token_pathway.dim)
-            fusion.setdefault("high_dim", self.map_pathway.dims[stage])
+            fusion.setdefault("high_dim", dims)
         module = build_if_config(fusion, "fusion", where)
         if module.low_dim != self.token_pathway.dim:
             raise ConfigError(f"{where} has low_dim={module.low_dim}, but the token pathway's width is {self.token_pathway.dim}")
-        if module.high_dim != self.map_pathway.dims[stage]:
-            raise ConfigError(f"{where} has high_dim={module.high_dim}, but map stage {stage} has {self.map_pathway.dims[stage]} channels")
+        want = tuple(dims) if isinstance(dims, list) else (dims,)
+        if tuple(getattr(module, "high_dims", (module.high_dim,))) != want:
+            raise ConfigError(f"{where} reads maps of widths {list(getattr(module, 'high_dims', (module.high_dim,)))}, "
+                              f"but map stage(s) {stage} have {list(want)} channels")
         if in_stream and module.out_dim != module.low_dim:
             raise ConfigError(f"{where} changes the width ({module.low_dim} -> {module.out_dim}); only the final fusion may")
         return module
@@ -151,26 +180,28 @@ class DualPathwayEncoder(Encoder):
         cfg["map_pathway"] = self.map_pathway.config
         cfg["final_fusion"] = self.final_fusion.config if self.final_fusion is not None else None
         cfg["injections"] = [
-            {"after_block": k, "map_stage": s, "fusion": a.config}
+            {"after_block": k, "map_stage": list(s) if isinstance(s, tuple) else s, "fusion": a.config}
             for (k, s), a in zip(self.injection_points, self.adapters)
         ]
+        stage = self.final_map_stage
+        cfg["final_map_stage"] = list(stage) if isinstance(stage, tuple) else stage
         return cfg
 
-    def set_freeze(self, parts: Sequence[str]) -> None:
-        """Freeze (no gradient) the named parts and unfreeze the others."""
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            raise ConfigError(f"freeze takes parts {list(PARTS)}, but got {unknown}")
-        self.frozen = tuple(p for p in PARTS if p in parts)
-        for part in PARTS:
-            module = getattr(self, part)
-            if module is not None:
-                module.requires_grad_(part not in self.frozen)
+    @property
+    def reads_maps(self) -> bool:
+        """Whether any fusion reads the map pathway (a low-res-only encoder does not run it)."""
+        return bool(len(self.adapters)) or self.final_fusion is not None
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute activations of both pathways in the backward pass."""
-        self.token_pathway.set_grad_checkpointing(enable)
-        self.map_pathway.set_grad_checkpointing(enable)
+    def parts(self) -> dict[str, nn.Module]:
+        """``token_pathway``, and where used: ``map_pathway``, ``adapters``, ``final_fusion``."""
+        out: dict[str, nn.Module] = {"token_pathway": self.token_pathway}
+        if self.reads_maps:
+            out["map_pathway"] = self.map_pathway
+        if len(self.adapters):
+            out["adapters"] = self.adapters
+        if self.final_fusion is not None:
+            out["final_fusion"] = self.final_fusion
+        return out
 
     def vit_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
         """Pixels ``(h, w)`` the ViT reads for a high-res input of ``image_size``."""
@@ -179,8 +210,12 @@ class DualPathwayEncoder(Encoder):
         return vit_input_size(self.resolution, size, tp.patch_size, tp.image_size)
 
     def grid_for(self, image_size: int | Sequence[int]) -> tuple[int, int]:
-        """The token grid for a high-res input of ``image_size``; runs nothing."""
-        return self.token_pathway.grid_for(self.vit_size(image_size))
+        """The grid of the returned tokens for a high-res input of ``image_size``; runs nothing.
+
+        The ViT's patch grid at the size the policy gives, or the final fusion's output grid.
+        """
+        grid = self.token_pathway.grid_for(self.vit_size(image_size))
+        return tuple(self.final_fusion.output_grid(grid)) if self.final_fusion is not None else grid
 
     # -- forward ------------------------------------------------------------------------
     def run_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -200,19 +235,20 @@ class DualPathwayEncoder(Encoder):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode ``images (Tensor[B, 3, H, W])`` into ``(tokens (Tensor[B, h*w, out_dim]), (h, w))``."""
         self._check_images(images)
-        maps = self.run_maps(images) if self.adapters or self.final_fusion is not None else []
+        maps = self.run_maps(images) if self.reads_maps else []
         tp = self.token_pathway
         x, grid = tp.embed(self.vit_images(images))
         p = tp.num_prefix_tokens
         done = 0
         for (after, stage), adapter in zip(self.injection_points, self.adapters):
             x = tp.run_blocks(x, done, after)
-            x = torch.cat([x[:, :p], adapter(x[:, p:], grid, maps[stage])], dim=1)
+            x = torch.cat([x[:, :p], adapter(x[:, p:], grid, _select(maps, stage))], dim=1)
             done = after
         x = tp.finalize(tp.run_blocks(x, done, tp.num_selected_blocks))
         tokens = x[:, p:]
         if self.final_fusion is not None:
-            tokens = self.final_fusion(tokens, grid, maps[self.final_map_stage])
+            tokens = self.final_fusion(tokens, grid, _select(maps, self.final_map_stage))
+            grid = tuple(self.final_fusion.output_grid(grid))
         return tokens, grid
 
     def _check_images(self, images: torch.Tensor) -> None:

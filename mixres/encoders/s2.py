@@ -100,6 +100,10 @@ class S2Encoder(Encoder):
         )
         return map_to_tokens(out)
 
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """``token_pathway``: the one pathway run at every scale."""
+        return {"token_pathway": self.pathway}
+
     def grid_for(self, image_size: int | Sequence[int]) -> tuple[int, int]:
         """The output grid: the merged grid of the output scale, whatever ``image_size`` is."""
         to_2tuple("image_size", tuple(image_size) if not isinstance(image_size, int) else image_size)

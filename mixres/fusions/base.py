@@ -2,7 +2,14 @@
 
 A fusion injects a map's features into a token sequence. It owns the alignment of the map to
 the token grid and never sees a backbone. In-stream fusions keep the width (``out_dim ==
-low_dim``); a *final* fusion may change it.
+low_dim``) and the grid; a *final* fusion may change both.
+
+What an encoder needs to know before anything runs, every fusion declares:
+
+- :attr:`Fusion.num_maps`: how many maps ``forward`` reads (1: one ``Tensor[B, C, H, W]``;
+  more: a list of them, one per width in ``high_dims``);
+- :meth:`Fusion.output_grid`: the grid of the tokens it returns for an input grid (the token
+  grid unless the fusion resamples, like SVA's ``query_grid``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,31 @@ class Fusion(Configurable, nn.Module):
     def in_stream(self) -> bool:
         """True when the output width equals the input width."""
         return self.out_dim == self.low_dim
+
+    @property
+    def high_dims(self) -> tuple[int, ...]:
+        """The width of each map ``forward`` reads (one entry for single-source fusions)."""
+        return getattr(self, "_high_dims", (self.high_dim,))
+
+    @high_dims.setter
+    def high_dims(self, dims: Sequence[int]) -> None:
+        self._high_dims = tuple(int(d) for d in dims)
+
+    @property
+    def num_maps(self) -> int:
+        """How many maps ``forward`` reads: 1 (a tensor) or more (a list, one per source)."""
+        return len(self.high_dims)
+
+    def output_grid(self, grid: Sequence[int]) -> tuple[int, int]:
+        """The grid ``(h', w')`` of the returned tokens for input tokens on ``grid``; runs nothing.
+
+        Example:
+            >>> import mixres
+            >>> mixres.create_fusion("mr_adapter", low_dim=8, high_dim=16).output_grid((4, 6))
+            (4, 6)
+        """
+        h, w = grid
+        return int(h), int(w)
 
     def check_inputs(
         self, tokens: torch.Tensor, grid: Sequence[int], map: torch.Tensor

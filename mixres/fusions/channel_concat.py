@@ -88,8 +88,6 @@ class ChannelConcat(Fusion):
         (torch.Size([2, 16, 12]), 12, 0)
     """
 
-    high_dims: tuple[int, ...]
-
     def __init__(
         self,
         low_dim: int,

@@ -200,8 +200,6 @@ class SVA(Fusion):
         True
     """
 
-    high_dims: tuple[int, ...]
-
     def __init__(
         self,
         low_dim: int,
