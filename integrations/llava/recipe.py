@@ -73,6 +73,9 @@ class RecipeArguments:
             ``gradient_accumulation_steps`` from the batch per device and the world size.
         synthetic_samples: training samples of the synthetic data.
         synthetic_image_size: side in pixels of the synthetic images.
+        llm_init_range: ``llm: tiny`` only: the random Llama's ``initializer_range`` (std of its
+            weights); ``None``: transformers' 0.02. A larger one (0.1) lets a from-scratch toy
+            LLM pass image features on early instead of learning the answer prior first.
     """
 
     stage: int = 2
@@ -100,6 +103,7 @@ class RecipeArguments:
     global_batch_size: int | None = None
     synthetic_samples: int = 256
     synthetic_image_size: int = 256
+    llm_init_range: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("trainable", "freeze", "lora"):
