@@ -1,4 +1,4 @@
-"""The ``mixres`` console script: ``mixres list | describe | convert | demo``."""
+"""The ``mixres`` console script: ``mixres list | describe | convert | chat | bench | plan | eval | explain``."""
 
 from __future__ import annotations
 
@@ -109,6 +109,13 @@ def _import_all() -> None:
                 raise
 
 
+def _tool(name: str):
+    """The module of a tool command (``mixres.plan``, ``mixres.evaluate``, ``mixres.explain_cli``)."""
+    import importlib
+
+    return importlib.import_module(f"mixres.{name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mixres`` command."""
     parser = argparse.ArgumentParser(prog="mixres", description="Resolution adapters for multimodal LLMs.")
@@ -134,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat about an image: mixres chat --model DIR --image IMG --prompt TEXT", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("plan", help="tokens, FLOPs, params and KV cache of every encoder for a budget")
+    _tool("plan").build_parser(p).set_defaults(func=lambda a: _tool("plan").run(a))
+    p = sub.add_parser("eval", help="score a trained model on a local question file (vqa, exact, anls)")
+    _tool("evaluate").build_parser(p).set_defaults(func=lambda a: _tool("evaluate").run(a))
+    p = sub.add_parser("explain", help="PNG of where the high-res pathway changed the tokens of an image")
+    _tool("explain_cli").build_parser(p).set_defaults(func=lambda a: _tool("explain_cli").run(a))
     p = sub.add_parser("bench", help="run a benchmark: mixres bench cost|speed|gpu [args]")
     p.add_argument("which", choices=["cost", "speed", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
