@@ -48,7 +48,7 @@ __all__ = ["RECIPE", "DATA", "VARIANTS", "effect_data", "run_variant", "main"]
 #: the one recipe every variant trains with (hyper-parameters live there, nowhere else)
 RECIPE = "tiny-effect"
 #: the data every variant sees
-DATA: dict[str, Any] = dict(num_train=4000, num_test=200, image_size=128, seed=0)
+DATA: dict[str, Any] = dict(num_train=3000, num_test=200, image_size=128, seed=0)
 #: (name, encoder preset)
 VARIANTS: tuple[tuple[str, str], ...] = (
     ("low-res", "llava-hr-tiny-128-lowres"),
@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.getLogger("mixres.integrations.llava").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Writing model shards"; our own bars are plain tqdm
     start, out = time.perf_counter(), Path(args.output_dir)
     spec = dict(DATA, **({k: _QUICK[k] for k in ("num_train", "num_test")} if args.quick else {}))
     overrides = {"max_steps": _QUICK["max_steps"]} if args.quick else {}

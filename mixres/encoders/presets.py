@@ -78,13 +78,15 @@ register_encoder_preset(
     {**llava_hr_config(256, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN),
      "injections": [], "final_fusion": None, "resolution": {"policy": "fixed", "size": 64}, "freeze": ["map_pathway"]},
 )
-# the toy effect (benchmarks/effect.py, the demo): 128-px images of the hatch task. timm's
-# ConvNeXt starts every residual block as ~the identity (layer scale 1e-6), which a CNN trained
-# from scratch in a few hundred steps cannot afford: layer scale 1.0. The adapters read stage 1
-# (stride 8: a 3-4 px segment still spans a cell) and the final fusion stage 0 (stride 4); the
-# ViT reads 16 px (4x4 = 16 tokens).
-TINY_CNN_SCRATCH: dict[str, Any] = dict(TINY_CNN, ls_init_value=1.0)
-_TINY_128 = {**llava_hr_config(128, vit=TINY_VIT, cnn="convnext_atto", cnn_kwargs=TINY_CNN_SCRATCH),
+# the toy effect (benchmarks/effect.py, the demo): 128-px images of the hatch task, everything
+# trained from scratch. The map pathway is a tiny timm ResNet (BatchNorm): timm's ConvNeXt, with
+# its trunc-normal(0.02) init, stays at a constant answer on this task for hundreds of steps even
+# with layer scale 1.0 (benchmarks/probe.py), where the ResNet learns it in a few dozen. Only its
+# stride-4 and stride-8 stages run: the adapters read stride 8 (a 3-4 px segment still spans a
+# cell), the final fusion stride 4. The ViT reads 16 px (4x4 = 16 tokens).
+TINY_CNN_SCRATCH: dict[str, Any] = dict(channels=(16, 32, 48, 64), stem_width=8)
+_TINY_128 = llava_hr_config(128, vit=TINY_VIT, cnn="resnet10t", cnn_kwargs=TINY_CNN_SCRATCH)
+_TINY_128 = {**_TINY_128, "map_pathway": {**_TINY_128["map_pathway"], "out_indices": [1, 2]},
              "resolution": {"policy": "llava_hr", "stride": 32, "min_size": 16}}
 register_encoder_preset(
     "llava-hr-tiny-128",
