@@ -59,8 +59,8 @@ class Probe(nn.Module):
 
 def train_probe(preset: str, data: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...], *, steps: int,
                 batch_size: int = 32, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.95),
-                seed: int = 0) -> dict[str, Any]:
-    """Train a :class:`Probe` on ``preset`` and score it on ``test``.
+                seed: int = 0, **encoder: Any) -> dict[str, Any]:
+    """Train a :class:`Probe` on ``preset`` (``encoder``: overrides of the preset) and score it on ``test``.
 
     Returns:
         ``{"preset", "accuracy", "train_time_s", "model"}``.
@@ -68,7 +68,7 @@ def train_probe(preset: str, data: tuple[torch.Tensor, ...], test: tuple[torch.T
     import mixres
 
     torch.manual_seed(seed)
-    model = Probe(mixres.create_encoder(preset))
+    model = Probe(mixres.create_encoder(preset, **encoder))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, betas=betas)
     images, labels = data[0], data[1]

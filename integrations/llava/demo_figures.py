@@ -36,7 +36,7 @@ def effect_plot(runs: Mapping[str, Mapping[str, Any]], path: str | Path, *, titl
     fig, ax = plt.subplots(figsize=(6, 4.2))
     biggest = max(float(r["train_time_s"]) for r in runs.values()) or 1.0
     for name, r in runs.items():
-        mean = r.get("accuracy_mean", r.get("accuracy", {}).get("all"))
+        mean = r["accuracy_mean"] if "accuracy_mean" in r else r["accuracy"]["all"]
         x, size = r["image_tokens"], 60 + 1400 * float(r["train_time_s"]) / biggest
         ax.scatter([x], [100 * mean], s=size, alpha=0.45)
         if "accuracy_std" in r:
@@ -44,8 +44,7 @@ def effect_plot(runs: Mapping[str, Mapping[str, Any]], path: str | Path, *, titl
         ax.annotate(f"{name}\n{100 * mean:.0f} %, {float(r['train_time_s']):.0f} s", (x, 100 * mean),
                     textcoords="offset points", xytext=(12, -4), fontsize=9)
     ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1)
-    ax.text(ax.get_xlim()[0] if False else min(r["image_tokens"] for r in runs.values()), 100 * chance + 1.5,
-            "chance", color="grey", fontsize=8)
+    ax.text(min(r["image_tokens"] for r in runs.values()), 100 * chance + 1.5, "chance", color="grey", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlim(min(r["image_tokens"] for r in runs.values()) / 1.6, max(r["image_tokens"] for r in runs.values()) * 2.5)
     ax.set_ylim(0, 105)
