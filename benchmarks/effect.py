@@ -96,21 +96,19 @@ def _summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _run_all(variants: list[tuple[str, str]], seeds: list[int], data: dict[str, Path], work: Path,
-             overrides: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+             overrides: dict[str, Any], raw: dict[str, list[dict[str, Any]]], save: Any) -> None:
+    """Seed by seed (every variant of seed 0, then of seed 1, ...), saving after each run, so an
+    interrupted benchmark still holds whole seeds."""
     from mixres.integrations.llava.demo import run_variant
 
-    rows, raw = [], {}
-    for name, preset in variants:
-        runs = []
-        for seed in seeds:
+    for seed in seeds:
+        for name, preset in variants:
             run = run_variant(f"{name} s{seed}", preset, data, work, seed=seed, **overrides)
             for key in ("model", "tokenizer", "predictions"):
                 run.pop(key)
-            runs.append(run)
+            raw.setdefault(name, []).append(run)
             print(f"  {name}, seed {seed}: {run['accuracy']['all']:.1%} in {run['train_time_s']:.0f} s", flush=True)
-        raw[name] = runs
-        rows.append(_summary(name, runs))
-    return rows, raw
+            save()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -137,34 +135,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
     data = effect_data(work / "data", **spec)
     start = time.perf_counter()
-    rows, raw = _run_all(list(VARIANTS), args.seeds, data, work, overrides)
-    ablation_rows: list[dict[str, Any]] = []
-    if args.ablation_seeds:
-        names = register_ablations()
-        mra = next(r for r in rows if r["variant"] == "MRA")
-        ablation_rows, ablation_raw = _run_all(list(names.items()), args.ablation_seeds, data, work, overrides)
-        raw.update(ablation_raw)
-        mra_seeds = [r for r in raw["MRA"] if r["seed"] in args.ablation_seeds]
-        ablation_rows.insert(0, _summary("MRA (tanh, sum, blocks 1-3 + final)", mra_seeds) if mra_seeds else mra)
+    raw: dict[str, list[dict[str, Any]]] = {}
+    names = register_ablations() if args.ablation_seeds else {}
     recipe = load_recipe(RECIPE)
     setup = (f"`python -m benchmarks.effect --seeds {' '.join(map(str, args.seeds))} --ablation_seeds "
              f"{' '.join(map(str, args.ablation_seeds))}`: recipe `{RECIPE}` for every variant "
-             f"({overrides.get('max_steps', recipe['max_steps'])} steps, batch {recipe['per_device_train_batch_size']}, lr {recipe['learning_rate']}, "
-             f"Adam beta2 {recipe['adam_beta2']}, LLM init range {recipe['llm_init_range']}, template `{recipe['template']}`), "
-             f"{spec['num_train']} training / {spec['num_test']} held-out hatch questions on {spec['image_size']}-px images; "
-             f"random init; CPU, {args.threads} torch thread(s); accuracy = greedy exact match, mean ± population "
-             f"std over seeds; chance 25 %")
+             f"({overrides.get('max_steps', recipe['max_steps'])} steps, batch {recipe['per_device_train_batch_size']}, "
+             f"lr {recipe['learning_rate']}, Adam beta2 {recipe['adam_beta2']}, LLM init range {recipe['llm_init_range']}, "
+             f"template `{recipe['template']}`), {spec['num_train']} training / {spec['num_test']} held-out hatch "
+             f"questions on {spec['image_size']}-px images; random init; CPU, {args.threads} torch thread(s); accuracy = "
+             f"greedy exact match, mean ± population std over seeds; chance 25 %")
     columns = ["variant", "preset", "ViT px", "tokens", "accuracy", "per seed", "train s", "params"]
-    md = "# The effect at toy scale\n\n" + setup + "\n\n" + markdown_table(rows, columns) + "\n"
-    if ablation_rows:
-        md += ("\n## Ablations (LLaVA-HR Table 3, on MRA; seeds "
-               f"{', '.join(map(str, args.ablation_seeds))})\n\n" + markdown_table(ablation_rows, columns) + "\n")
-    wall = round(time.perf_counter() - start, 1)
-    md += f"\nTotal wall time {wall:.0f} s.\n"
-    print(md)
-    write_results("effect", {"setup": setup, "rows": rows, "ablations": ablation_rows, "runs": raw, "wall_s": wall}, md, out)
-    effect_plot({r["variant"]: r for r in rows}, out / "effect.png",
-                title=f"hatch task, {len(args.seeds)} seeds: accuracy vs visual tokens (bubble area: train time)")
+
+    def save(final: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rows = [_summary(name, raw[name]) for name, _ in VARIANTS if name in raw]
+        ablation_rows = [_summary(name, raw[name]) for name in names if name in raw]
+        if ablation_rows and "MRA" in raw:
+            mra = [r for r in raw["MRA"] if r["seed"] in args.ablation_seeds]
+            ablation_rows.insert(0, _summary("MRA (tanh, sum, blocks 1-3 + final)", mra))
+        wall = round(time.perf_counter() - start, 1)
+        md = "# The effect at toy scale\n\n" + setup + "\n\n" + markdown_table(rows, columns) + "\n"
+        if ablation_rows:
+            md += ("\n## Ablations (LLaVA-HR Table 3, on MRA; seeds "
+                   f"{', '.join(map(str, args.ablation_seeds))})\n\n" + markdown_table(ablation_rows, columns) + "\n")
+        md += f"\nTotal wall time {wall:.0f} s" + ("." if final else " so far (PARTIAL: the run was still going).") + "\n"
+        write_results("effect", {"setup": setup, "complete": final, "rows": rows, "ablations": ablation_rows,
+                                 "runs": raw, "wall_s": wall}, md, out)
+        if rows:
+            effect_plot({r["variant"]: r for r in rows}, out / "effect.png",
+                        title=f"hatch task, {len(args.seeds)} seeds: accuracy vs visual tokens (bubble area: train time)")
+        if final:
+            print(md)
+        return rows, ablation_rows
+
+    _run_all(list(VARIANTS), args.seeds, data, work, overrides, raw, save)
+    if names:
+        _run_all(list(names.items()), args.ablation_seeds, data, work, overrides, raw, save)
+    rows, ablation_rows = save(final=True)
     return {"rows": rows, "ablations": ablation_rows}
 
 
