@@ -12,6 +12,8 @@ Checked with :mod:`mixres.explain`'s hooks:
 - the probe reads the answer, far above the 25 % of chance.
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,22 @@ def test_low_res_view_loses_the_lines():
 
     assert separability(images) > 1.5  # two well-separated classes
     assert separability(low) < 0.2  # inside the noise: 10x less than at 128 px
+
+
+def test_demo_quick_writes_results_and_figures(tmp_path):
+    from mixres.integrations.llava import demo
+
+    threads = torch.get_num_threads()
+    try:
+        results = demo.main(["--quick", "--output_dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the demo sets its own
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["runs"]) == list(results["runs"]) == ["low-res", "MRA", "ViT 4x"]
+    tokens = {name: run["image_tokens"] for name, run in saved["runs"].items()}
+    assert tokens == {"low-res": 16, "MRA": 16, "ViT 4x": 64}  # MRA at the low-res count, the ViT at 4x
+    for run in saved["runs"].values():
+        assert set(run["accuracy"]) == {"all", "horizontal", "vertical", "rising", "falling"}
+        assert 0.0 <= run["accuracy"]["all"] <= 1.0 and run["train_time_s"] > 0
+    for name in ("effect.png", "sample.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
