@@ -25,6 +25,7 @@ learn in a few hundred steps, nothing about pretrained ones. Writes
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -111,6 +112,25 @@ def _run_all(variants: list[tuple[str, str]], seeds: list[int], data: dict[str, 
             save()
 
 
+def sample_figure(work: Path, data: dict[str, Path], out: Path, *, seed: int = 0, index: int = 1) -> Path:
+    """``effect-sample.png`` from the saved seed-``seed`` checkpoints of the three variants: a test
+    image, each model's answer, MRA's high-res contribution per token (:mod:`mixres.explain`)."""
+    from mixres.integrations.llava.demo import VARIANTS
+    from mixres.integrations.llava.demo_figures import sample_figure as figure
+    from mixres.integrations.llava.evaluation import predict
+    from mixres.integrations.llava.model import build_model
+    from mixres.integrations.llava.recipe import RecipeArguments
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = json.loads(Path(data["test"]).read_text())[index]
+    runs = {}
+    for name, _ in VARIANTS:
+        model, tokenizer = build_model(RecipeArguments(model=str(work / f"{name} s{seed}".replace(" ", "-"))))
+        answers = predict(model.eval(), tokenizer, [record], template="plain", image_folder=data["root"])
+        runs[name] = {"model": model, "predictions": answers}
+    return figure(runs, data, out / "effect-sample.png", index=index)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every variant for every seed, then the ablations; print and write the tables."""
     from mixres.integrations.llava.demo import DATA, RECIPE, VARIANTS, effect_data
@@ -125,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num_train", type=int, help="override the data's training samples (smoke runs)")
     parser.add_argument("--work_dir", default="/tmp/mixres-effect", help="data and checkpoints (not kept in results)")
     parser.add_argument("--out_dir", default=str(RESULTS))
+    parser.add_argument("--sample_only", action="store_true", help="only redraw effect-sample.png from --work_dir")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("mixres.integrations.llava").setLevel(logging.ERROR)
@@ -134,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = dict(DATA, **({"num_train": args.num_train} if args.num_train else {}))
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
     data = effect_data(work / "data", **spec)
+    if args.sample_only:
+        return {"sample": sample_figure(work, data, out, seed=args.seeds[0])}
     start = time.perf_counter()
     raw: dict[str, list[dict[str, Any]]] = {}
     names = register_ablations() if args.ablation_seeds else {}
@@ -172,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if names:
         _run_all(list(names.items()), args.ablation_seeds, data, work, overrides, raw, save)
     rows, ablation_rows = save(final=True)
+    sample_figure(work, data, out, seed=args.seeds[0])
     return {"rows": rows, "ablations": ablation_rows}
 
 
