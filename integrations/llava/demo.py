@@ -159,7 +159,6 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``<output_dir>/results.json``) the measured results."""
-    from .demo_figures import effect_plot, sample_figure
 
     parser = argparse.ArgumentParser(prog="python -m mixres.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default="mixres-demo", help="where data, models, results and figures go")
@@ -170,7 +169,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "OpenMP threads spin-waiting on each other were 25x slower (12 s vs 0.5 s per MRA step)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.getLogger("mixres.integrations.llava").setLevel(logging.ERROR)
+    quiet, level = logging.getLogger("mixres.integrations.llava"), logging.getLogger("mixres.integrations.llava").level
+    quiet.setLevel(logging.ERROR)  # the recipe's plan and eval lines; set back at the end (main runs in tests too)
+    try:
+        return _run(args)
+    finally:
+        quiet.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from .demo_figures import effect_plot, sample_figure
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # "Writing model shards"; our own bars are plain tqdm
     start, out = time.perf_counter(), Path(args.output_dir)
