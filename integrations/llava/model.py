@@ -55,8 +55,9 @@ def _load_llm(recipe: RecipeArguments, dtype: torch.dtype) -> tuple[torch.nn.Mod
     return llm, tokenizer
 
 
-def _tiny_llm(tokenizer: Any) -> torch.nn.Module:
-    config = transformers.LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+def _tiny_llm(tokenizer: Any, init_range: float | None = None) -> torch.nn.Module:
+    extra = {"initializer_range": init_range} if init_range is not None else {}
+    config = transformers.LlamaConfig(**TINY_LLM, **extra, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return transformers.LlamaForCausalLM(config)
 
@@ -124,7 +125,8 @@ def build_model(recipe: RecipeArguments, training: TrainingArguments | None = No
         model, tokenizer = _load_llava(recipe.model, dtype)
     elif recipe.llm == "tiny":
         tokenizer = build_tokenizer(data_texts(recipe.data_path, recipe.eval_data_path, recipe.vocab_data))
-        model = _assemble(_encoder(recipe), _tiny_llm(tokenizer), tokenizer, _image_size(recipe, None), _projector_spec(recipe))
+        model = _assemble(_encoder(recipe), _tiny_llm(tokenizer, recipe.llm_init_range), tokenizer, _image_size(recipe, None),
+                          _projector_spec(recipe))
     else:
         llm, tokenizer = _load_llm(recipe, dtype)
         model = _assemble(_encoder(recipe), llm, tokenizer, _image_size(recipe, None), _projector_spec(recipe))

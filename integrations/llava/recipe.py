@@ -80,6 +80,9 @@ class RecipeArguments:
             ``checkpoint-*`` directories (refused otherwise; theirs are never rotated away).
         allow_partial_resume: resume from a checkpoint without optimizer / scheduler / RNG
             state (they start fresh, with a warning) instead of refusing it.
+        llm_init_range: ``llm: tiny`` only: the random Llama's ``initializer_range`` (std of its
+            weights); ``None``: transformers' 0.02. A larger one (0.1) lets a from-scratch toy
+            LLM pass image features on early instead of learning the answer prior first.
     """
 
     stage: int = 2
@@ -110,6 +113,7 @@ class RecipeArguments:
     synthetic_image_size: int = 256
     overwrite_output_dir: bool = False
     allow_partial_resume: bool = False
+    llm_init_range: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_overrides, Mapping):

@@ -24,6 +24,15 @@ Items sit inside their corner third of the image; the opposite corner third is l
 Some training samples get a second, coarse turn ("Which corner is it in?"), and a fraction of
 training samples are text-only (no ``"image"`` key), as in LLaVA's instruction mix.
 
+**The hatch task** (``kind="hatch"``, :func:`make_hatch_example`) is finer still, and made so
+that low resolution loses it by construction: a patch covering a quarter to a half of a 128-px
+image is filled with a few hundred 1-px line segments, 3-4 px long, all of one orientation, and
+the question is which way they run (``horizontal``, ``vertical``, ``rising``, ``falling``; 25 %
+by chance). Every segment of an image has the same number of ink pixels, so the patch's mean
+darkness says nothing about the answer. A 16-px view (a ViT with 4-px patches reading 1/8 of the
+side) samples the patch every 8 px and sees a uniform grey; a CNN with a stride-4 stem at 128 px
+sees every segment. The information is spread over the whole patch, i.e. over many tokens.
+
 Every sample is drawn from its own ``random.Random`` seeded by ``(seed, split, index)``, so a
 dataset is byte-identical for a given seed and sample ``i`` does not depend on the others.
 """
@@ -46,7 +55,9 @@ ImageDraw = lazy_import("PIL.ImageDraw")
 ImageFont = lazy_import("PIL.ImageFont")
 
 __all__ = [
+    "KINDS",
     "TASKS",
+    "ORIENTATIONS",
     "REGIONS",
     "COLOURS",
     "SHAPES",
@@ -55,6 +66,7 @@ __all__ = [
     "SyntheticExample",
     "SyntheticPaths",
     "make_example",
+    "make_hatch_example",
     "generate_dataset",
     "exact_match",
 ]
@@ -74,8 +86,15 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "DOG", "SUN", "MAP", "KEY", "BOX", "CUP", "PEN", "HAT", "CAR")  # capitals: glyph height = detail_px
 MAX_DOTS = 7
+#: the datasets :func:`generate_dataset` draws: small items in corners, or the hatch task
+KINDS = ("corner", "hatch")
+#: the hatch task's answers, with the pixel step of each orientation (image y points down)
+ORIENTATIONS = ("horizontal", "vertical", "rising", "falling")
+_STEP = {"horizontal": (1, 0), "vertical": (0, 1), "rising": (1, -1), "falling": (1, 1)}
 #: every answer a sample can have; predictions are scored by exact match against these
-ANSWERS = frozenset([str(d) for d in range(10)] + list(WORDS) + list(COLOURS) + list(SHAPES) + list(REGIONS))
+ANSWERS = frozenset(
+    [str(d) for d in range(10)] + list(WORDS) + list(COLOURS) + list(SHAPES) + list(REGIONS) + list(ORIENTATIONS)
+)
 
 _QUESTIONS = {
     "digit": "What number is written in the small box in the {region} corner?",
@@ -84,6 +103,7 @@ _QUESTIONS = {
     "shape": "What shape is the small mark in the {region} corner?",
     "count": "How many small dots are in the box in the {region} corner?",
 }
+HATCH_QUESTION = "Which way do the short lines in the patch run?"
 _FOLLOW_UP = "Which corner is it in? Answer with one of: top-left, top-right, bottom-left, bottom-right."
 _INK = (20, 20, 20)
 
@@ -257,6 +277,60 @@ def make_example(
     return SyntheticExample(image, tuple(turns), task, region, bbox, px)
 
 
+def _segment_starts(rng: random.Random, box: tuple[int, int, int, int], step: tuple[int, int], length: int) -> tuple[int, int]:
+    """A start pixel from which ``length`` pixels along ``step`` stay inside ``box``."""
+    (x0, y0, x1, y1), (dx, dy), reach = box, step, length - 1
+    x = rng.randint(x0 + max(0, -dx * reach), x1 - 1 - max(0, dx * reach))
+    y = rng.randint(y0 + max(0, -dy * reach), y1 - 1 - max(0, dy * reach))
+    return x, y
+
+
+def make_hatch_example(
+    rng: random.Random,
+    *,
+    image_size: int | Sequence[int] = 128,
+    segment_px: Sequence[int] = (3, 4),
+    density: tuple[float, float] = (0.025, 0.037),
+) -> SyntheticExample:
+    """Draw one sample of the hatch task: which way do the short lines in the patch run?
+
+    A patch with sides of 1/2 to 3/4 of the image's (placed anywhere) holds
+    ``density * area`` segments of one orientation from :data:`ORIENTATIONS`, 1 px wide and
+    ``L`` ink pixels long (``L`` drawn once per image from ``segment_px``; diagonal ones too, so
+    every segment has ``L`` ink pixels and the darkness of the patch carries no class
+    information). Outside the patch there is only the plain background.
+
+    Args:
+        rng: the source of randomness (seed it for reproducible samples).
+        image_size: side in pixels, or a range ``(lo, hi)`` as in :func:`make_example`.
+        segment_px: range ``(lo, hi)`` of the segments' length in pixels.
+        density: range of segments per pixel of the patch (128-px images: ~150-600 segments).
+
+    Returns:
+        A :class:`SyntheticExample` with ``task="hatch"``, ``region=None``, ``bbox`` the patch
+        and ``detail_px`` the segment length.
+
+    Example:
+        >>> ex = make_hatch_example(random.Random(0))
+        >>> ex.image.size, ex.turns[0][1] in ORIENTATIONS, ex.detail_px in (3, 4)
+        ((128, 128), True, True)
+    """
+    W, H = _sides(rng, image_size)
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    ink = tuple(rng.randint(0, 60) for _ in range(3))
+    image = Image.new("RGB", (W, H), background)
+    w, h = rng.randint(W // 2, 3 * W // 4), rng.randint(H // 2, 3 * H // 4)
+    x0, y0 = rng.randint(0, W - w), rng.randint(0, H - h)
+    box = (x0, y0, x0 + w, y0 + h)
+    orientation, length = rng.choice(ORIENTATIONS), rng.randint(*segment_px)
+    (dx, dy), points = _STEP[orientation], []
+    for _ in range(round(w * h * rng.uniform(*density))):
+        x, y = _segment_starts(rng, box, (dx, dy), length)
+        points += [(x + k * dx, y + k * dy) for k in range(length)]
+    ImageDraw.Draw(image).point(points, fill=ink)
+    return SyntheticExample(image, ((HATCH_QUESTION, orientation),), "hatch", None, box, length)
+
+
 def _record(example: SyntheticExample, sample_id: str, image_path: str | None) -> dict[str, Any]:
     conversations = []
     for k, (question, answer) in enumerate(example.turns):
@@ -270,10 +344,12 @@ def _record(example: SyntheticExample, sample_id: str, image_path: str | None) -
     return record
 
 
-def _check_args(num_train: int, num_test: int, image_size: Any, detail_px: Any, text_only_fraction: float) -> None:
+def _check_args(num_train: int, num_test: int, image_size: Any, detail_px: Any, text_only_fraction: float, kind: str) -> None:
     for name, value in (("num_train", num_train), ("num_test", num_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MixresError(f"{name} has to be an int >= 0, but got {value!r}")
+    if kind not in KINDS:
+        raise MixresError(f"kind has to be one of {list(KINDS)}, but got {kind!r}")
     if isinstance(image_size, int):
         check_positive_int("image_size", image_size)
         lo = hi = image_size
@@ -281,12 +357,13 @@ def _check_args(num_train: int, num_test: int, image_size: Any, detail_px: Any, 
         lo, hi = image_size
     else:
         raise MixresError(f"image_size has to be an int or a range (lo, hi) of ints, but got {image_size!r}")
-    if not (isinstance(detail_px, (tuple, list)) and len(detail_px) == 2 and 4 <= detail_px[0] <= detail_px[1]):
-        raise MixresError(f"detail_px has to be a range (lo, hi) with 4 <= lo <= hi, but got {detail_px!r}")
-    if lo > hi or lo < 24 * detail_px[1]:
+    least, factor = (4, 24) if kind == "corner" else (1, 4)  # a corner third / a half-side patch must hold the item
+    if not (isinstance(detail_px, (tuple, list)) and len(detail_px) == 2 and least <= detail_px[0] <= detail_px[1]):
+        raise MixresError(f"detail_px has to be a range (lo, hi) with {least} <= lo <= hi, but got {detail_px!r}")
+    if lo > hi or lo < factor * detail_px[1]:
         raise MixresError(
-            f"image_size {image_size!r} has to be a range lo <= hi with lo >= 24 * detail_px[1] = "
-            f"{24 * detail_px[1]} (a corner third must hold the item)"
+            f"image_size {image_size!r} has to be a range lo <= hi with lo >= {factor} * detail_px[1] = "
+            f"{factor * detail_px[1]} (the {kind} item has to fit)"
         )
     if not 0.0 <= text_only_fraction <= 1.0:
         raise MixresError(f"text_only_fraction has to be in [0, 1], but got {text_only_fraction!r}")
@@ -296,11 +373,12 @@ def generate_dataset(
     out_dir: str | Path,
     num_train: int,
     num_test: int,
-    image_size: int | Sequence[int] = (512, 1024),
+    image_size: int | Sequence[int] | None = None,
     seed: int = 0,
     *,
-    detail_px: Sequence[int] = (8, 12),
+    detail_px: Sequence[int] | None = None,
     text_only_fraction: float = 0.1,
+    kind: str = "corner",
 ) -> SyntheticPaths:
     """Write a synthetic fine-detail VQA dataset in LLaVA's conversation format.
 
@@ -317,10 +395,13 @@ def generate_dataset(
         out_dir: folder to write into (created if needed).
         num_train: number of training samples (text-only ones included).
         num_test: number of test samples.
-        image_size: side in pixels, or a range ``(lo, hi)`` for width and height.
+        image_size: side in pixels, or a range ``(lo, hi)`` for width and height; ``None``:
+            ``(512, 1024)`` (corner) or ``128`` (hatch).
         seed: the seed everything is drawn from.
-        detail_px: range of the small items' size in pixels.
+        detail_px: range of the small items' size (corner; ``None``: ``(8, 12)``) or of the
+            segments' length (hatch; ``None``: ``(3, 4)``) in pixels.
         text_only_fraction: share of text-only training samples.
+        kind: ``"corner"`` (small items in corners) or ``"hatch"``; see the module docstring.
 
     Returns:
         The :class:`SyntheticPaths` written.
@@ -336,7 +417,10 @@ def generate_dataset(
         >>> turn.get("value").startswith("<image>")
         True
     """
-    _check_args(num_train, num_test, image_size, detail_px, text_only_fraction)
+    hatch = kind == "hatch"
+    image_size = image_size if image_size is not None else (128 if hatch else (512, 1024))
+    detail_px = detail_px if detail_px is not None else ((3, 4) if hatch else (8, 12))
+    _check_args(num_train, num_test, image_size, detail_px, text_only_fraction, kind)
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     num_text = round(num_train * text_only_fraction)
@@ -346,8 +430,11 @@ def generate_dataset(
         for i in range(count):
             rng = random.Random(f"mixres-synthetic/{seed}/{split}/{i}")
             text_only = split == "train" and i >= count - num_text
-            ex = make_example(rng, image_size=image_size, detail_px=detail_px,
-                              follow_up=0.3 if split == "train" else 0.0, text_only=text_only)
+            if hatch and not text_only:
+                ex = make_hatch_example(rng, image_size=image_size, segment_px=detail_px)
+            else:
+                ex = make_example(rng, image_size=image_size, detail_px=detail_px,
+                                  follow_up=0.3 if split == "train" else 0.0, text_only=text_only)
             image_path = None
             if ex.image is not None:
                 image_path = f"images/{split}-{i:06d}.png"

@@ -18,7 +18,7 @@ from ..pathways.hf import CLIP_VIT_L_14_336
 from ..registry import register_encoder_preset
 from .dual import llava_hr_injections
 
-__all__ = ["llava_hr_config", "TINY_VIT", "TINY_CNN"]
+__all__ = ["llava_hr_config", "TINY_VIT", "TINY_CNN", "TINY_CNN_SCRATCH"]
 
 # hub ids of the release's backbones; create_encoder(pretrained=True) looks them up locally only
 _WEIGHTS = {
@@ -84,3 +84,24 @@ register_encoder_preset(
 _TINY_CLIP = {"kind": "pathway", "name": "hf_clip", "config": TINY_VIT, "drop_prefix": True, "select_layer": -1}
 register_encoder_preset("s2-tiny", {"name": "s2", "pathway": _TINY_CLIP, "scales": [24, 48]})
 register_encoder_preset("anyres-tiny", {"name": "anyres", "encoder": _TINY_CLIP, "pinpoints": [[24, 48], [48, 24], [48, 48]]})
+# the toy effect (benchmarks/effect.py, the demo): 128-px images of the hatch task, everything
+# trained from scratch. The map pathway is a tiny timm ResNet (BatchNorm): timm's ConvNeXt, with
+# its trunc-normal(0.02) init, stays at a constant answer on this task for hundreds of steps even
+# with layer scale 1.0 (benchmarks/probe.py), where the ResNet learns it in a few dozen. Only its
+# stride-4 and stride-8 stages run: the adapters read stride 8 (a 3-4 px segment still spans a
+# cell), the final fusion stride 4. The ViT reads 16 px (4x4 = 16 tokens).
+TINY_CNN_SCRATCH: dict[str, Any] = dict(channels=(16, 32, 48, 64), stem_width=8)
+_TINY_128 = llava_hr_config(128, vit=TINY_VIT, cnn="resnet10t", cnn_kwargs=TINY_CNN_SCRATCH)
+_TINY_128 = {**_TINY_128, "map_pathway": {**_TINY_128["map_pathway"], "out_indices": [1, 2]},
+             "resolution": {"policy": "llava_hr", "stride": 32, "min_size": 16}}
+register_encoder_preset(
+    "llava-hr-tiny-128",
+    {**_TINY_128, "injections": llava_hr_injections(4, {"name": "mr_adapter"}, map_stage=1), "final_map_stage": 0},
+)
+register_encoder_preset("llava-hr-tiny-128-lowres", {**_TINY_128, "injections": [], "final_fusion": None})
+# the single high-res ViT at 4x the tokens: 32 px, 8x8 = 64 tokens; the unused CNN is frozen
+register_encoder_preset(
+    "llava-hr-tiny-128-vit4x",
+    {**_TINY_128, "injections": [], "final_fusion": None, "resolution": {"policy": "fixed", "size": 32},
+     "freeze": ["map_pathway"]},
+)
