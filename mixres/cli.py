@@ -59,19 +59,33 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert an official LLaVA-HR checkpoint's vision part + projector to mixres safetensors."""
-    import mixres
-    from mixres.convert import load_llava_hr_vision, read_checkpoint, save_converted
+    """Convert an official LLaVA-HR checkpoint's vision part + projector to mixres safetensors.
+
+    Exit status: 0 written; 1 keys missing / unexpected (nothing written); 2 bad input (one
+    line on stderr, nothing written).
+    """
+    import warnings
+
+    from mixres.convert import convert_checkpoint
+    from mixres.errors import MixresError
 
     _import_all()
-    encoder = mixres.create_encoder(args.preset)
-    projector = mixres.create_projector(args.projector, in_dim=encoder.out_dim, out_dim=args.llm_dim)
-    report = load_llava_hr_vision(encoder, read_checkpoint(args.src, keep=("model.vision_tower.", "model.mm_projector.")), projector)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = convert_checkpoint(args.src, args.dst, preset=args.preset, llm_dim=args.llm_dim,
+                                        dtype=args.dtype, allow_missing=args.allow_missing, overwrite=args.overwrite)
+    except MixresError as err:
+        first, _, rest = str(err).partition("\n")
+        if rest:  # an incomplete conversion: the report, then the one-line verdict
+            print(rest)
+            print(f"mixres convert: {first}", file=sys.stderr)
+            return 1
+        print(f"mixres convert: {first}", file=sys.stderr)
+        return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(report.summary())
-    if not report.ok and not args.allow_missing:
-        print("conversion incomplete (see unexpected / missing above); nothing written", file=sys.stderr)
-        return 1
-    save_converted(args.dst, encoder, projector)
     print(f"wrote {args.dst}/model.safetensors and mixres_config.json")
     return 0
 
@@ -124,12 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("convert", help="convert an official checkpoint: mixres convert llava-hr SRC DST")
     p.add_argument("format", choices=["llava-hr"], help="the checkpoint's origin")
-    p.add_argument("src", help="official checkpoint directory or file (local)")
-    p.add_argument("dst", help="output directory")
-    p.add_argument("--preset", default="llava-hr-7b-1024", help="encoder preset the checkpoint was trained with")
-    p.add_argument("--projector", default="mlp2x_gelu", help="projector name")
-    p.add_argument("--llm-dim", type=int, default=4096, help="the LLM's hidden size (projector output)")
-    p.add_argument("--allow-missing", action="store_true", help="write even if keys are missing/unexpected")
+    p.add_argument("src", help="official checkpoint directory (config.json + weight shards) or weight file (local)")
+    p.add_argument("dst", help="output directory (must not exist, or be empty; see --overwrite)")
+    p.add_argument("--preset", default=None,
+                   help="encoder preset name or a JSON encoder config file (default: from SRC/config.json)")
+    p.add_argument("--llm-dim", type=int, default=None,
+                   help="the LLM width the projector maps to (default: read from the checkpoint; a check if given)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the written weights (default: the checkpoint's own)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="write even if keys are missing/unexpected (they keep their init; listed in a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at DST")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("chat", help="chat about an image: mixres chat --model DIR --image IMG --prompt TEXT", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
