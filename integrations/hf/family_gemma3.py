@@ -3,7 +3,7 @@
 ``Gemma3ForConditionalGeneration`` reads its SigLIP's ``last_hidden_state`` (post-norm applied)
 at 896 px (a 64x64 grid) and its projector average-pools it ``k x k`` (``k = 4``) down to
 ``mm_tokens_per_image = 256`` tokens before an RMS norm and a linear map. That pooling is
-Gemma 3's own token reduction and stays after the encoder: MRA's grid ``g = R / 32`` is pooled
+Gemma 3's own token reduction and stays after the encoder: MRA's grid ``g = max(R / 32, 64)`` is pooled
 by the same ``k``, so the LLM sees ``(g / k)**2`` tokens per image (``g`` has to be a multiple
 of ``k``). The config's ``mm_tokens_per_image``, the projector's grid attributes and the
 processor's ``image_seq_length`` (its ``<start_of_image>`` ... ``<end_of_image>`` expansion)
@@ -51,7 +51,7 @@ class Gemma3Family(Family):
         if grid % kernel:
             raise UnsupportedModelError(
                 f"Gemma 3 average-pools the ViT grid {kernel}x{kernel}, but image_size {vision_config.image_size} gives a "
-                f"{grid}x{grid} grid; pick an image_size whose grid (image_size / 32) is a multiple of {kernel}"
+                f"{grid}x{grid} grid; pick an image_size whose grid (max(image_size / 32, the ViT's native grid)) is a multiple of {kernel}"
             )
 
     def update_config(self, config: Any, vision_config: Any, old_tile: int) -> None:

@@ -5,7 +5,7 @@ square tiles of ``max_image_size`` px plus one global view, run each through the
 (``Idefics3VisionTransformer``, bucketed position embeddings; the ``hf_idefics3`` / ``hf_smolvlm``
 pathways) and read its ``last_hidden_state`` (post-norm applied). The connector's pixel shuffle
 (``scale_factor`` s: s x s neighbouring tokens folded into one of s**2 times the width) then a
-linear map are their own token reduction, kept after the encoder: MRA's grid ``g = R / 32`` per
+linear map are their own token reduction, kept after the encoder: MRA's grid ``g = max(R / 32, native)`` per
 tile becomes ``(g / s)**2`` LLM tokens (``g`` has to be a multiple of ``s``).
 
 mrify sets the tile side to ``R`` (``max_image_size``), scales the processor's longest-edge
@@ -122,7 +122,7 @@ class Idefics3Family(Family):
         if grid % scale:
             raise UnsupportedModelError(
                 f"{self.name}'s connector folds {scale}x{scale} tokens into one, but image_size {vision_config.image_size} "
-                f"gives a {grid}x{grid} grid; pick an image_size whose grid (image_size / 32) is a multiple of {scale}"
+                f"gives a {grid}x{grid} grid; pick an image_size whose grid (max(image_size / 32, the ViT's native grid)) is a multiple of {scale}"
             )
 
     def update_config(self, config: Any, vision_config: Any, old_tile: int) -> None:

@@ -9,7 +9,7 @@ on its own, and the grid pinpoints are scaled from 384 to ``R``.
 OneVision's own token reduction stays after the encoder: ``pack_image_features`` unpads the
 tile-grid features and, when they hold more than ``1.1**2 * 9`` tiles' worth of tokens
 (``vision_aspect_ratio="anyres_max_9"``), resizes them bilinearly down to about nine tiles;
-the learned ``image_newline`` ends every row. MRA's grid (``R / 32`` per tile side) is what
+the learned ``image_newline`` ends every row. MRA's grid (``max(R / 32, 27)`` per tile side) is what
 that reduction starts from, and the processor's ``<image>`` expansion (its
 ``num_image_tokens`` per tile) follows the new grid. Videos go through the same tower, but
 their path (2x2 pooling per frame) is not tested here.

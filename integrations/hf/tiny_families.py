@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
