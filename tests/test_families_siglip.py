@@ -193,3 +193,22 @@ def test_generate(family):
     out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
     assert all(isinstance(t, str) for t in processor.batch_decode(out[:, -3:]))
+
+
+def test_smolvlm_model_without_its_processor(tmp_path):
+    """SmolVLM's model path (SmolVLMProcessor needs num2words): inputs made by the Idefics3 processor,
+    whose tiny config is the same (16-px tiles, scale 2, the same tokens)."""
+    original, _ = tiny_smolvlm(with_processor=False)
+    model, _ = mrify(copy.deepcopy(original), map_pathway=MAP, image_size=SIZE)
+    _, processor = mrify(tiny_idefics3()[0], map_pathway=MAP, image_size=SIZE, processor=tiny_idefics3()[1])
+    assert type(model).__name__ == "MixresSmolVLMForConditionalGeneration"
+    inputs = _inputs("smolvlm", processor, _prompts("idefics3"), _images())
+    torch.testing.assert_close(_logits(model.eval(), inputs), _logits(original, _low_res(model, "smolvlm", inputs)),
+                               rtol=0, atol=1e-5)  # as the zero-init test above
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for p in _tower(model).encoder.adapters.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(model, inputs), rtol=0, atol=0)

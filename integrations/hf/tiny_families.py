@@ -99,9 +99,11 @@ def _random_projection(model: Gemma3ForConditionalGeneration) -> Gemma3ForCondit
 
 
 def _idefics3_like(seed: int, config_cls: Any, vision_cls: Any, model_cls: Any, image_cls: Any, processor_cls: Any,
-                   **video: Any):
+                   with_processor: bool = True, **video: Any):
     config = config_cls(vision_config=vision_cls(**_VIT), text_config=_llama_with(_vocab(_IDEFICS3_TOKENS)),
                         scale_factor=2, image_token_id=IMAGE_TOKEN_ID)
+    if not with_processor:
+        return _seeded(seed, lambda: model_cls(config)), None
     image_processor = image_cls(size={"longest_edge": 4 * _IMAGE}, max_image_size={"longest_edge": _IMAGE})
     processor = processor_cls(image_processor=image_processor, tokenizer=tiny_tokenizer(_IDEFICS3_TOKENS), image_seq_len=4,
                               **video)
@@ -120,8 +122,17 @@ def tiny_idefics3(seed: int = 0) -> tuple[Idefics3ForConditionalGeneration, Idef
                           Idefics3ImageProcessor, Idefics3Processor)
 
 
-def tiny_smolvlm(seed: int = 0) -> tuple[SmolVLMForConditionalGeneration, SmolVLMProcessor]:
-    """SmolVLM in miniature: as :func:`tiny_idefics3` with SmolVLM's classes."""
+def tiny_smolvlm(
+    seed: int = 0, with_processor: bool = True
+) -> tuple[SmolVLMForConditionalGeneration, SmolVLMProcessor | None]:
+    """SmolVLM in miniature: as :func:`tiny_idefics3` with SmolVLM's classes.
+
+    ``SmolVLMProcessor`` needs the ``num2words`` package; ``with_processor=False`` returns
+    ``(model, None)`` without it (the model takes the same inputs as :func:`tiny_idefics3`'s processor makes).
+    """
+    if not with_processor:
+        return _idefics3_like(seed, SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration,
+                              SmolVLMImageProcessor, SmolVLMProcessor, with_processor=False)
     return _idefics3_like(seed, SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration,
                           SmolVLMImageProcessor, SmolVLMProcessor,
                           video_processor=SmolVLMVideoProcessor(max_image_size={"longest_edge": _IMAGE}))
