@@ -10,7 +10,9 @@ tile becomes ``(g / s)**2`` LLM tokens (``g`` has to be a multiple of ``s``).
 
 mrify sets the tile side to ``R`` (``max_image_size``), scales the processor's longest-edge
 ``size`` by ``R / old_tile`` (so images are cut into the same tile layouts) and sets the
-processor's ``image_seq_len``. These models build their ViT class directly from the config
+processor's ``image_seq_len``. The tower ignores ``patch_attention_mask``: the processor's real
+tiles are full ``R x R`` images (the tests check it), and the all-zero padding tiles are dropped by
+the model before the tower, as before. These models build their ViT class directly from the config
 (not through ``AutoModel``), so a mrified model becomes a :class:`MixresIdefics3ForConditionalGeneration`
 / :class:`MixresSmolVLMForConditionalGeneration` (``model_type`` ``mixres_idefics3`` /
 ``mixres_smolvlm``, registered with the Auto classes): the same model whose ``vision_model`` is
