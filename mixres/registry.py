@@ -252,13 +252,26 @@ class Registry:
 
         ``None`` is a value like any other (``final_fusion=None``: no final fusion), unlike timm's
         factories, which drop it: a caller who passes it means it.
+
+        Raises:
+            UnknownNameError: ``name`` (or a name a preset points at) is not registered.
+            ConfigError: presets that point at each other in a cycle (the cycle is named).
         """
+        return self._resolve(name, overrides, ())
+
+    def _resolve(self, name: str, overrides: Mapping[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
         self._missing(name)
+        if name in chain:
+            raise ConfigError(
+                f"{self.kind} presets form a cycle: {' -> '.join([*chain, name])}; "
+                "a preset's 'name' has to lead to a registered class"
+            )
         kept = dict(overrides)
         if name in self._classes:
             return {"kind": self.kind, "name": name, **kept}
         preset = dict(self._presets[name])
-        return {**self.resolve(preset.pop("name"), **{k: v for k, v in preset.items() if k != "kind"}), **kept}
+        inner = self._resolve(preset.pop("name"), {k: v for k, v in preset.items() if k != "kind"}, (*chain, name))
+        return {**inner, **kept}
 
     def get_preset(self, name: str) -> dict[str, Any]:
         """A copy of the preset config ``name`` (not followed)."""

@@ -21,7 +21,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from release_checkpoint import CLIP, PREFIX, Layout
 
 __all__ = ["release_forward"]

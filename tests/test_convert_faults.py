@@ -136,7 +136,8 @@ def test_kill_9_at_random_points_never_leaves_a_wrong_or_stray_state(tmp_path):
         if trial % 4 < 2:  # anywhere in the run, past its end too (some finish)
             time.sleep(rng.uniform(0, 1.5 * duration))
         else:  # inside the write: once its temporary directory exists, within the next 50 ms
-            _wait_for(lambda: any(p.name.startswith(f".{dst.name}.mixres-tmp-") for p in work.iterdir()), pid)
+            tmp_prefix = f".{dst.name}.mixres-tmp-"
+            _wait_for(lambda: any(p.name.startswith(tmp_prefix) for p in work.iterdir()), pid)  # noqa: B023
             time.sleep(rng.uniform(0, 0.05))
         try:
             os.kill(pid, signal.SIGKILL)
@@ -171,6 +172,10 @@ def test_bad_destinations_are_refused_before_reading(tmp_path, capsys):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     assert main(["convert", "llava-hr", str(missing_src), str(tmp_path / "full"), "--overwrite"]) == 2
     assert "no mixres_config.json, so it is not an earlier output" in capsys.readouterr().err
+
+
+def test_read_only_parent_is_refused(tmp_path, capsys):
+    missing_src = tmp_path / "nowhere"
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
@@ -249,3 +254,22 @@ def test_only_weight_files_are_read(tmp_path):
         read_checkpoint(tmp_path)
     with pytest.raises(MixresError, match="does not exist"):
         read_checkpoint(tmp_path / "missing")
+
+
+def test_unwritable_parent_is_refused_first(tmp_path, monkeypatch, capsys):
+    """As root every directory is writable, so the permission answer is stubbed (os.access is
+    what check_destination asks; a real read-only parent is tested above when not root)."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
+    (tmp_path / "ro").mkdir()
+    assert main(["convert", "llava-hr", str(tmp_path / "nowhere"), str(tmp_path / "ro" / "a" / "out")]) == 2
+    assert f"{str(tmp_path / 'ro')!r} is not writable" in capsys.readouterr().err
+    assert not (tmp_path / "ro" / "a").exists()  # nothing created before the refusal
+
+
+def test_broken_release_config_is_named(tmp_path, capsys):
+    write_release(tmp_path / "src", "7b-1024")
+    (tmp_path / "src" / "config.json").write_text('{"input_image_size": 1024,,}')
+    assert main(["convert", "llava-hr", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "release config" in err and "src/config.json' is not valid JSON" in err and "line 1" in err

@@ -30,7 +30,6 @@ downloaded: ``src`` is a local directory.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -42,14 +41,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaProcessor
 from mixres.convert import (
     DTYPES,
     ConversionReport,
-    checkpoint_dtype,
-    resolve_encoder_config,
     atomic_directory,
     check_destination,
+    checkpoint_dtype,
     load_llava_hr_vision,
     projector_from_checkpoint,
     read_checkpoint,
     read_json,
+    resolve_encoder_config,
 )
 from mixres.errors import WeightsError
 from mixres.registry import build
