@@ -58,8 +58,9 @@ class HFIdefics3Pathway(HFVisionPathway):
 
         Raises:
             ShapeError: not ``Tensor[B, 3, H, W]`` of floats, or a side not a multiple of the patch.
+            DeviceError: ``images`` are not on the pathway's device.
         """
-        check_images(images, self.patch_size)
+        check_images(images, self.patch_size, module=self)
         emb = self.model.embeddings
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         valid = torch.ones((images.shape[0], *grid), dtype=torch.bool, device=images.device)
