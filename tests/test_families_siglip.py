@@ -212,3 +212,14 @@ def test_smolvlm_model_without_its_processor(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(loaded, inputs), _logits(model, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "gemma3", "idefics3"])
+def test_mixres_generate_helper(name):
+    """``mixres.integrations.hf.generate`` (flat image list) hands each family's processor its layout."""
+    from mixres.integrations.hf import generate
+
+    model, processor = _build(name)
+    model, processor = mrify(model, map_pathway=MAP, image_size=SIZE, processor=processor)
+    answers = generate(model, processor, _images(), _prompts(name), max_new_tokens=2, min_new_tokens=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

@@ -69,6 +69,7 @@ class Family:
         anyres: tiles (LLaVA-NeXT) rather than one square image.
         square_pad: whether images are padded to a square with the mean colour first.
         vision_attr: the attribute of the inner model that holds the ViT.
+        nested_images: the processor takes one list of images per prompt (Gemma 3, Idefics3).
     """
 
     name: str
@@ -76,6 +77,7 @@ class Family:
     anyres: bool = False
     square_pad: bool = True
     vision_attr: str = "vision_tower"
+    nested_images: bool = False
 
     def check(self, model: Any, vision_config: Any) -> None:
         """Raise :class:`UnsupportedModelError` before anything changes if the family cannot take the tower."""

@@ -79,4 +79,4 @@ class Gemma3Family(Family):
         )
 
 
-GEMMA3 = Gemma3Family("gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), square_pad=False)
+GEMMA3 = Gemma3Family("gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), square_pad=False, nested_images=True)

@@ -154,5 +154,7 @@ class Idefics3Family(Family):
 
 
 # only the *ForConditionalGeneration classes: the model (and its config) change class on mrify
-IDEFICS3 = Idefics3Family("idefics3", ("Idefics3ForConditionalGeneration",), square_pad=False, vision_attr="vision_model")
-SMOLVLM = Idefics3Family("smolvlm", ("SmolVLMForConditionalGeneration",), square_pad=False, vision_attr="vision_model")
+IDEFICS3 = Idefics3Family("idefics3", ("Idefics3ForConditionalGeneration",), square_pad=False, vision_attr="vision_model",
+                          nested_images=True)
+SMOLVLM = Idefics3Family("smolvlm", ("SmolVLMForConditionalGeneration",), square_pad=False, vision_attr="vision_model",
+                          nested_images=True)
