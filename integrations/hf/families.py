@@ -19,6 +19,12 @@ size and token count. Supported:
   ``last_hidden_state`` (post-norm applied, as SigLIP does) feeds the linear projector; images
   are resized to ``R x R`` without padding, as PaliGemma's own processor does;
   ``text_config.num_image_tokens`` and the processor's ``image_seq_length`` -> ``grid**2``.
+
+Today's SigLIP families live in their own modules (each keeps its own token reduction after the
+encoder): ``llava_onevision`` (:mod:`.family_onevision`), ``gemma3`` (:mod:`.family_gemma3`),
+``idefics3`` / ``smolvlm`` (:mod:`.family_idefics3`). A family subclass overrides the hooks
+:meth:`Family.check`, :meth:`Family.update_config`, :meth:`Family.update_model` and
+:meth:`Family.update_processor`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from transformers.image_utils import SizeDict
 
 from .errors import UnsupportedModelError
 
-__all__ = ["Family", "FAMILIES", "find_family", "vit_config_kwargs"]
+__all__ = ["Family", "FAMILIES", "find_family", "vit_config_kwargs", "scale_pinpoints", "set_size"]
 
 
 def vit_config_kwargs(config: PreTrainedConfig) -> dict[str, Any]:
@@ -43,7 +49,8 @@ def vit_config_kwargs(config: PreTrainedConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _set_size(image_processor: Any, name: str, side: int) -> None:
+def set_size(image_processor: Any, name: str, side: int) -> None:
+    """Set ``image_processor.<name>`` (a size dict) to ``side``, keeping its form (shortest edge or h x w)."""
     old = getattr(image_processor, name, None)
     if old is None:
         return
@@ -57,16 +64,26 @@ class Family:
     """One MLLM family: its classes and how its config / processor take the new tower.
 
     Attributes:
-        name: ``"llava"``, ``"llava_next"`` or ``"paligemma"``.
+        name: ``"llava"``, ``"llava_next"``, ``"paligemma"``, ``"llava_onevision"``, ``"gemma3"``, ...
         model_classes: the ``*ForConditionalGeneration`` / ``*Model`` class names covered.
         anyres: tiles (LLaVA-NeXT) rather than one square image.
         square_pad: whether images are padded to a square with the mean colour first.
+        vision_attr: the attribute of the inner model that holds the ViT.
+        nested_images: the processor takes one list of images per prompt (Gemma 3, Idefics3).
     """
 
     name: str
     model_classes: tuple[str, ...]
     anyres: bool = False
     square_pad: bool = True
+    vision_attr: str = "vision_tower"
+    nested_images: bool = False
+
+    def check(self, model: Any, vision_config: Any) -> None:
+        """Raise :class:`UnsupportedModelError` before anything changes if the family cannot take the tower."""
+
+    def update_model(self, model: Any, vision_config: Any) -> None:
+        """Adjust the model's own modules to the new token grid after the tower swap (none for LLaVA)."""
 
     def post_norm(self) -> bool | None:
         """Whether the ViT's post-norm applies to the features: LLaVA reads ``hidden_states`` (never
@@ -102,8 +119,8 @@ class Family:
     def update_processor(self, processor: Any, vision_config: Any, old_tile: int) -> None:
         """Image size, pinpoints, padding and the ``<image>`` expansion of the processor (in place)."""
         side, image_processor = vision_config.image_size, processor.image_processor
-        _set_size(image_processor, "size", side)
-        _set_size(image_processor, "crop_size", side)
+        set_size(image_processor, "size", side)
+        set_size(image_processor, "crop_size", side)
         if self.name == "paligemma":
             processor.image_seq_length = image_processor.image_seq_length = vision_config.num_image_tokens
             return
@@ -129,10 +146,18 @@ def scale_pinpoints(pinpoints: list[list[int]], old_tile: int, new_tile: int) ->
     return [[p[0] // old_tile * new_tile, p[1] // old_tile * new_tile] for p in pinpoints]
 
 
+from .family_gemma3 import GEMMA3  # noqa: E402  (the family modules subclass Family, defined above)
+from .family_idefics3 import IDEFICS3, SMOLVLM  # noqa: E402
+from .family_onevision import ONEVISION  # noqa: E402
+
 FAMILIES: tuple[Family, ...] = (
     Family("llava", ("LlavaForConditionalGeneration", "LlavaModel")),
     Family("llava_next", ("LlavaNextForConditionalGeneration", "LlavaNextModel"), anyres=True, square_pad=False),
     Family("paligemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"), square_pad=False),
+    ONEVISION,
+    GEMMA3,
+    IDEFICS3,
+    SMOLVLM,
 )
 
 
@@ -149,5 +174,6 @@ def find_family(model: object) -> Family:
     supported = [c for f in FAMILIES for c in f.model_classes if c.endswith("ForConditionalGeneration")]
     raise UnsupportedModelError(
         f"mrify supports {supported}, but got a {type(model).__name__}; a model whose vision tower is not a "
-        "CLIP / SigLIP ViT inside one of these families has no place for MRA here"
+        "CLIP / SigLIP ViT inside one of these families has no place for MRA here (Qwen2.5-VL's own ViT is not "
+        "supported yet)"
     )

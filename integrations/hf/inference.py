@@ -96,7 +96,8 @@ def generate(
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        inputs = processor(images=checked, text=list(prompts), return_tensors="pt", padding=True)
+        images_arg = _per_prompt(checked, prompts, processor.image_token) if family.nested_images else checked
+        inputs = processor(images=images_arg, text=list(prompts), return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     inputs.pop("labels", None)
@@ -122,6 +123,12 @@ def _model_class(directory: Path) -> type:
 
 
 _pad_to_square = pad_to_square  # the argument of generate shadows the function
+
+
+def _per_prompt(images: list[Any], prompts: Sequence[str], image_token: str) -> list[list[Any]]:
+    """The images as one list per prompt, in order (Gemma 3 / Idefics3 processors take them so)."""
+    it = iter(images)
+    return [[next(it) for _ in range(prompt.count(image_token))] for prompt in prompts]
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,

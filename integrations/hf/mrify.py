@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import CLIPVisionModel, SiglipVisionModel
+from transformers import CLIPVisionModel, Idefics3VisionTransformer, SiglipVisionModel, SmolVLMVisionTransformer
 
 import mixres
 from mixres.encoders.dual import DualPathwayEncoder, llava_hr_injections
@@ -34,7 +34,8 @@ from .modeling import MixresVisionConfig, MixresVisionModel
 
 __all__ = ["mrify", "default_positions", "map_pathway_config"]
 
-_PATHWAYS = {CLIPVisionModel: "hf_clip", SiglipVisionModel: "hf_siglip"}
+_PATHWAYS = {CLIPVisionModel: "hf_clip", SiglipVisionModel: "hf_siglip", Idefics3VisionTransformer: "hf_idefics3",
+             SmolVLMVisionTransformer: "hf_smolvlm"}
 
 
 def default_positions(num_blocks: int) -> list[int]:
@@ -76,9 +77,9 @@ def _fusion_config(fusion: str | Mapping[str, Any], where: str) -> dict[str, Any
     raise TypeError(f"{where} has to be a fusion name or config dict, but got {type(fusion).__name__}")
 
 
-def _vision_owner(model: torch.nn.Module) -> torch.nn.Module:
+def _vision_owner(model: torch.nn.Module, family: Family) -> torch.nn.Module:
     inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "vision_tower") else model
+    return inner if inner is not None and hasattr(inner, family.vision_attr) else model
 
 
 def _token_pathway(tower: torch.nn.Module, layer: int, post_norm: bool | None) -> torch.nn.Module:
@@ -112,7 +113,7 @@ def _final_fusion(final_fusion: Any, width: int) -> dict[str, Any] | None:
 
 def _build_encoder(model: torch.nn.Module, family: Family, image_size: int, map_pathway: Any, fusion: Any,
                    positions: Sequence[int] | None, final_fusion: Any) -> DualPathwayEncoder:
-    tower = _vision_owner(model).vision_tower
+    tower = getattr(_vision_owner(model, family), family.vision_attr)
     token_pathway = _token_pathway(tower, family.feature_layer(model.config), family.post_norm())
     map_module = mixres.build(map_pathway_config(map_pathway))
     stride = max(map_module.strides)
@@ -148,9 +149,12 @@ def mrify(
     """Put MRA into an HF MLLM: its ViT + a high-res map pathway + adapters, as its new vision tower.
 
     Args:
-        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
-            ``PaliGemmaForConditionalGeneration`` (or their ``*Model``) whose tower is a CLIP /
-            SigLIP ViT. Changed **in place** (the tower is replaced, the config updated).
+        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``PaliGemmaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+            ``Gemma3ForConditionalGeneration`` (or their ``*Model``), ``Idefics3ForConditionalGeneration``
+            or ``SmolVLMForConditionalGeneration`` whose tower is a CLIP / SigLIP ViT
+            (:mod:`~mixres.integrations.hf.families`). Changed **in place** (the tower is replaced, the
+            config updated; Idefics3 / SmolVLM become their ``Mixres*`` subclass).
         map_pathway: the high-res pathway: a timm model name (LLaVA-HR: ``"convnext_large_mlp"``),
             a registered pathway name, or a pathway config dict (e.g. with a local
             ``weights`` for pretrained CNN weights).
@@ -167,8 +171,9 @@ def mrify(
 
     Raises:
         UnsupportedModelError: an unsupported family, a tower that is not a CLIP / SigLIP ViT, several
-            feature layers, a final fusion of another width, or an ``image_size`` whose token grid does not
-            divide it.
+            feature layers, a final fusion of another width, an ``image_size`` whose token grid does not
+            divide it, or one whose grid the family's own reduction (Gemma 3's pool, Idefics3's pixel
+            shuffle) does not divide.
         WeightsError: the tower's weights do not fit the pathway (every key is checked).
         ConfigError: bad positions, fusion or map pathway arguments.
 
@@ -180,8 +185,8 @@ def mrify(
         (16, 16)
     """
     family = find_family(model)
-    owner = _vision_owner(model)
-    old_tile = int(owner.vision_tower.config.image_size)
+    owner = _vision_owner(model, family)
+    old_tile = int(getattr(owner, family.vision_attr).config.image_size)
     encoder = _build_encoder(model, family, image_size, map_pathway, fusion, positions, final_fusion)
     vision_config = MixresVisionConfig.from_encoder(encoder, image_size)
     if not vision_config.on_grid:
@@ -190,11 +195,13 @@ def mrify(
             f"{family.name} needs image_size = grid * patch_size: pick a size whose grid divides it (LLaVA-HR's 384, 768, "
             "1024 and 1536 all do; see encoder.grid_for(size))"
         )
+    family.check(model, vision_config)
     tower = MixresVisionModel(vision_config, encoder=encoder)
-    owner.vision_tower = tower
+    setattr(owner, family.vision_attr, tower)
     family.update_config(model.config, vision_config, old_tile)
     if owner is not model:
         owner.config = model.config
+    family.update_model(model, vision_config)
     if processor is not None:
         processor = copy.deepcopy(processor)
         family.update_processor(processor, vision_config, old_tile)

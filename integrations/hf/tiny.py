@@ -49,20 +49,28 @@ VOCAB_SIZE = len(WORDS)  # the LLM's vocabulary: every id it emits decodes to a 
 _WIDTH, _IMAGE, _PATCH, _BLOCKS = 32, 16, 4, 4
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(extra: tuple[str, ...] = (), **named: str) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over :data:`WORDS`; ``<image>`` is its image token.
+
+    Args:
+        extra: special tokens after :data:`WORDS` (ids ``len(WORDS)...``), matched anywhere in the
+            text (an MLLM processor writes ``<image><image>...`` without spaces).
+        named: special-token attributes (``image_token="<image_soft_token>"``, ...), default ``<image>``.
 
     Example:
         >>> tok = tiny_tokenizer()
         >>> tok("USER: <image> what is this ?")["input_ids"]
         [5, 4, 7, 8, 27, 12]
     """
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS + tuple(extra))}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", **named},
     )
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra)})
+    return tokenizer
 
 
 def _clip(**kw) -> CLIPVisionConfig:
