@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 $(BIN)/mixres: pyproject.toml
 	@echo "installing mixres and its dev extras into $(VENV) (log: $(VENV)/install.log) ..."
 	@$(PY) -m venv $(VENV)
-	@$(BIN)/pip install -q --upgrade pip > $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
+	@$(BIN)/pip install -q --upgrade pip 'setuptools>=77' > $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
 	@$(BIN)/pip install -q -e '.[dev]' >> $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
 	@touch $(BIN)/mixres
 	@echo "installed: $$($(BIN)/python -c 'import mixres, torch; print("mixres", mixres.__version__, "torch", torch.__version__)')"
