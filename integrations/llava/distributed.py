@@ -1,0 +1,148 @@
+"""The recipe under sharded data parallelism: FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3.
+
+Three things plain DDP does not need:
+
+- **A wrap policy** (:func:`fsdp_wrap_classes`): FSDP shards and gathers parameters per unit.
+  When the user names no ``transformer_layer_cls_to_wrap``, :func:`configure` sets one unit per
+  LLM decoder layer (the LLM's ``_no_split_modules``), per repeated block of each pathway
+  (a ViT's layers, a CNN's stages), per adapter and for the final fusion; embeddings, the
+  projector and the LM head stay in the root unit. Only the encoder contract (``parts()``) is
+  used, so every registered encoder gets a policy.
+- **A gathered export** (:func:`export_model`): under FSDP / ZeRO-3 no process holds the whole
+  model, so the final save, the LoRA merge and the evaluation run on a plain copy rebuilt on the
+  main process from the gathered full state dict.
+- **Partitioned encoders** (:func:`save_partitioned`): under ``deepspeed.zero.Init`` a
+  parameter holds only its shard (``param.data`` is ``torch.Size([0])``), which is how the
+  release's ZeRO-3 fine-tuning failed to load ConvNeXt weights. mixres's weight loaders gather
+  partitioned parameters before loading (:func:`mixres.pathways._weights.gathered`); this
+  module gathers them to save.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["fsdp_wrap_classes", "configure", "is_sharded", "export_model", "save_partitioned"]
+
+logger = logging.getLogger(__name__)
+
+
+def _repeated_block_class(part: torch.nn.Module) -> str:
+    """The class of the children of ``part``'s biggest container of >= 2 same-class modules.
+
+    A ViT's ``encoder.layers`` (``CLIPEncoderLayer``), a ConvNeXt's ``stages``
+    (``ConvNeXtStage``, which hold more than any one stage's ``blocks``), the adapters'
+    ``ModuleList`` (``MRAdapter``); a part without one (a final fusion) is its own unit.
+    """
+    best, best_size = type(part).__name__, 0
+    for module in part.modules():
+        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) < 2:
+            continue
+        names = Counter(type(child).__name__ for child in module)
+        if len(names) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = next(iter(names)), size
+    if isinstance(part, (torch.nn.ModuleList, torch.nn.Sequential)) and best_size == 0:
+        best = type(next(iter(part))).__name__ if len(part) else best
+    return best
+
+
+def fsdp_wrap_classes(model: Any) -> list[str]:
+    """Class names to wrap as FSDP units: the LLM's decoder layers and each encoder part's blocks.
+
+    Args:
+        model: a recipe model (a transformers Llava whose tower is a mixres encoder).
+
+    Returns:
+        Sorted class names, e.g. ``['CLIPEncoderLayer', 'ConvNeXtStage', 'LlamaDecoderLayer',
+        'MRAdapter', 'MRFinalFusion']`` for ``llava-hr-*`` on a Llama.
+    """
+    names = set(getattr(model.model.language_model, "_no_split_modules", None) or [])
+    for part in model.model.vision_tower.encoder.parts().values():
+        if isinstance(part, torch.nn.Module) and any(True for _ in part.parameters()):
+            names.add(_repeated_block_class(part))
+    return sorted(names)
+
+
+def configure(trainer: Any, model: Any) -> list[str] | None:
+    """Give an FSDP trainer the recipe's wrap policy when the user named no classes to wrap.
+
+    Works however FSDP was switched on (``accelerate launch --config_file fsdp.yaml`` or
+    ``--fsdp`` / ``--fsdp_config``): the plugin is read from ``trainer.accelerator`` before
+    ``train()`` prepares the model. Returns the classes wrapped (``None`` without FSDP).
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        return None
+    policy = plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy and policy is not None:
+        return plugin.transformer_cls_names_to_wrap  # size-based or the user's own: left alone
+    if not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    logger.info("FSDP units: %s", plugin.transformer_cls_names_to_wrap)
+    return list(plugin.transformer_cls_names_to_wrap)
+
+
+def is_sharded(trainer: Any) -> bool:
+    """Whether no process holds the whole model (FSDP, or DeepSpeed ZeRO-3)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return bool(is_deepspeed_zero3_enabled())
+    return False
+
+
+def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
+    """A plain (unsharded) copy of the trained model on the main process; ``None`` elsewhere.
+
+    Every process joins the gather (``accelerator.get_state_dict``: FSDP2 full state dict on
+    rank 0, ZeRO-3 consolidated 16-bit weights); the main process loads it into
+    ``rebuild()`` (the same architecture, LoRA adapters included when the stage had them),
+    refusing missing or unexpected keys.
+
+    Raises:
+        RuntimeError: the gathered state does not fit the rebuilt model.
+    """
+    wrapped = trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model
+    state = trainer.accelerator.get_state_dict(wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    model = rebuild()
+    own = model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if own[k].data_ptr() in {own[j].data_ptr() for j in state if j in own}}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"the gathered state does not fit the rebuilt model: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]} ({len(missing)} / {len(unexpected)} keys)")
+    return model
+
+
+def save_partitioned(dst: str | Path, encoder: torch.nn.Module) -> Path | None:
+    """:func:`mixres.convert.save_converted` for an encoder built under ``deepspeed.zero.Init``.
+
+    Gathers the partitioned parameters (every process joins), writes on rank 0 only and
+    returns the directory there (``None`` on the other ranks). A plain encoder is saved as is.
+    """
+    import torch.distributed as dist
+
+    from mixres.convert import save_converted
+    from mixres.pathways._weights import gathered
+
+    with gathered(encoder, modifier_rank=None):
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return save_converted(dst, encoder)
