@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fsdp_wrap_classes", "configure", "is_sharded", "export_model", "save_partitioned"]
+__all__ = ["fsdp_wrap_classes", "configure", "freeze_unreached", "is_sharded", "export_model", "save_partitioned"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,12 @@ def configure(trainer: Any, model: Any) -> list[str] | None:
     """
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) or _fsdp_on_cpu(trainer)
     if plugin is None:
         return None
+    frozen = freeze_unreached(model)
+    if frozen:
+        logger.info("frozen (no forward pass reaches them): %s", frozen)
     policy = plugin.auto_wrap_policy
     if getattr(policy, "func", policy) is not transformer_auto_wrap_policy and policy is not None:
         return plugin.transformer_cls_names_to_wrap  # size-based or the user's own: left alone
@@ -92,6 +95,63 @@ def configure(trainer: Any, model: Any) -> list[str] | None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
     logger.info("FSDP units: %s", plugin.transformer_cls_names_to_wrap)
     return list(plugin.transformer_cls_names_to_wrap)
+
+
+def freeze_unreached(model: Any) -> list[str]:
+    """Freeze the tower's trainable parameters that no forward pass reaches; returns their names.
+
+    CLIP's ``post_layernorm`` (LLaVA reads the blocks' tokens without it) or a CNN's classifier
+    head are in the pathways' parts but get no gradient. Such a parameter never changes (AdamW
+    skips it), so freezing it changes no number; but under FSDP its missing optimizer state
+    makes a checkpoint impossible to resume (torch.distributed.checkpoint saves the optimizer
+    state that exists, then on load expects one for every trainable parameter). Found by one
+    forward and backward of the tower on a blank image at the configured size.
+    """
+    inner = model.model
+    side = int(model.config.vision_config.image_size)
+    ref = next(inner.multi_modal_projector.parameters())
+    tower = [(n, p) for n, p in inner.vision_tower.named_parameters() if p.requires_grad]
+    if not tower:
+        return []
+    saved = {n: p.grad for n, p in tower}
+    for _, p in tower:
+        p.grad = None
+    blank = torch.zeros(1, 3, side, side, device=ref.device, dtype=ref.dtype)
+    with torch.enable_grad():
+        features = inner.get_image_features(pixel_values=blank, vision_feature_layer=-1,
+                                            vision_feature_select_strategy="full").pooler_output
+        sum(f.float().sum() for f in features).backward()
+    unreached = [n for n, p in tower if p.grad is None]
+    for n, p in tower:
+        p.grad = saved[n]
+        if n in unreached:
+            p.requires_grad_(False)
+    return [f"model.vision_tower.{n}" for n in unreached]
+
+
+def _fsdp_on_cpu(trainer: Any) -> Any | None:
+    """Switch a CPU job that asked for FSDP to FSDP; returns the plugin (``None``: none asked).
+
+    accelerate (1.15) selects ``DistributedType.FSDP`` only for accelerator backends
+    (``AcceleratorState``: the GPU-like distributed types), so on CPU an FSDP config silently
+    runs DDP. PyTorch's FSDP2 itself runs on CPU over gloo; this sets the shared accelerate state
+    to FSDP with the plugin the user configured (``--fsdp`` / ``fsdp_config``, or the
+    ``FSDP_*`` variables ``accelerate launch --config_file`` sets), before ``train()`` prepares
+    the model, so the CPU job runs the same accelerate / Trainer FSDP code as a GPU job.
+    """
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    asked = trainer.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or state.distributed_type != DistributedType.MULTI_CPU:
+        return None
+    plugin = FullyShardedDataParallelPlugin(**(trainer.args.fsdp_plugin_args or {}))
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    return plugin
 
 
 def is_sharded(trainer: Any) -> bool:
@@ -117,7 +177,7 @@ def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
         RuntimeError: the gathered state does not fit the rebuilt model.
     """
     wrapped = trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model
-    state = trainer.accelerator.get_state_dict(wrapped)
+    state = _full_tensors(trainer.accelerator.get_state_dict(wrapped), keep=trainer.is_world_process_zero())
     if not trainer.is_world_process_zero():
         return None
     model = rebuild()
@@ -129,6 +189,22 @@ def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
         raise RuntimeError(f"the gathered state does not fit the rebuilt model: missing {missing[:5]}, unexpected "
                            f"{unexpected[:5]} ({len(missing)} / {len(unexpected)} keys)")
     return model
+
+
+def _full_tensors(state: dict[str, Any], keep: bool) -> dict[str, Any]:
+    """Gather the DTensors that remain (accelerate returns them for FSDP2 on CPU) one at a time.
+
+    Every process runs the same gathers in the same key order; only ``keep`` keeps the results.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor().cpu()
+        if keep:
+            out[key] = value
+    return out
 
 
 def save_partitioned(dst: str | Path, encoder: torch.nn.Module) -> Path | None:
