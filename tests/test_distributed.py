@@ -46,16 +46,16 @@ def data(tmp_path_factory):
     return recipe.synthetic_data(tmp_path_factory.mktemp("data"), num_train=24, num_test=4, image_size=256, seed=0)
 
 
-def _launch(out: Path, data_path: Path, *extra: str, fsdp: bool, env: dict | None = None) -> dict:
+def _launch(out: Path, data_path: Path, *extra: str, fsdp: bool, launch: tuple[str, ...] = ()) -> dict:
     worker = out.parent / "worker.py"
     worker.write_text(WORKER)
     argv = ["--recipe", "tiny-stage2", "--output_dir", str(out), "--data_path", str(data_path), *COMMON, *extra]
     if fsdp:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU)]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), *launch]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         argv += ["--ddp_backend", "gloo"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([*launcher, str(worker), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "losses.json").read_text())
@@ -99,11 +99,11 @@ def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(tmp_path, data
 @pytest.mark.slow
 def test_fsdp_full_state_dict_with_frozen_parts_and_lora(tmp_path, data):
     lora = ["--freeze", "token_pathway", "--lora", "llm", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
-    full = {"FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}  # what `accelerate launch --fsdp_state_dict_type` sets
-    first = _launch(tmp_path / "fsdp", data["train"], *lora, fsdp=True, env=full)
+    full = ("--fsdp_state_dict_type", "FULL_STATE_DICT")  # overrides the config file's SHARDED_STATE_DICT
+    first = _launch(tmp_path / "fsdp", data["train"], *lora, fsdp=True, launch=full)
     checkpoint = tmp_path / "fsdp" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # one full state dict
-    resumed = _launch(tmp_path / "resumed", data["train"], *lora, "--resume_from_checkpoint", str(checkpoint), fsdp=True, env=full)
+    resumed = _launch(tmp_path / "resumed", data["train"], *lora, "--resume_from_checkpoint", str(checkpoint), fsdp=True, launch=full)
     _assert_same_curve(resumed["losses"], first["losses"])
     trained, again = _weights(tmp_path / "fsdp"), _weights(tmp_path / "resumed")
     _assert_same_weights(trained, again)

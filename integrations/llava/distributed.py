@@ -151,6 +151,10 @@ def _fsdp_on_cpu(trainer: Any) -> Any | None:
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
+    # on CPU accelerate's full state dict comes back as DTensors, which safetensors cannot write
+    # (Trainer's FULL_STATE_DICT checkpoints); gather them here, every process in the same order
+    accelerator, gather = trainer.accelerator, trainer.accelerator.get_state_dict
+    accelerator.get_state_dict = lambda model, unwrap=True: _full_tensors(gather(model, unwrap), keep=accelerator.is_main_process)
     return plugin
 
 
@@ -193,6 +197,8 @@ def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
 
 def _full_tensors(state: dict[str, Any], keep: bool) -> dict[str, Any]:
     """Gather the DTensors that remain (accelerate returns them for FSDP2 on CPU) one at a time.
+
+    Idempotent: a state of plain tensors is returned as is (on the main process).
 
     Every process runs the same gathers in the same key order; only ``keep`` keeps the results.
     """
