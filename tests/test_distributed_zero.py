@@ -26,6 +26,9 @@ VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_atten
 CNN = dict(dims=[16, 32, 48, 64], depths=[1, 1, 1, 1])
 WORKER = r'''
 import json, sys, torch, deepspeed
+# imported before zero.Init (which replaces torch.Tensor.__new__): torch._dynamo's polyfills,
+# imported lazily by transformers' masking utilities, fail to import inside it
+import torch._dynamo, timm, transformers.masking_utils, transformers.models.clip.modeling_clip
 from transformers.integrations import HfDeepSpeedConfig
 import mixres
 from mixres.integrations.llava.distributed import save_partitioned
@@ -50,12 +53,12 @@ encoder = build({"token_pathway": vit_dir, "map_pathway": cnn_file})
 params = list(encoder.parameters())
 report["partitioned"] = all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
 report["local_fraction"] = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
-try:  # the release's way: a plain load into partitioned parameters
-    encoder.map_pathway.model.load_state_dict(encoder.map_pathway.model.state_dict())
+loaded = whole(encoder)
+try:  # the release's way: a plain load_state_dict into the partitioned parameters
+    encoder.load_state_dict(loaded)
     report["plain_load"] = "loaded"
 except RuntimeError as err:
-    report["plain_load"] = str(err)
-loaded = whole(encoder)
+    report["plain_load"] = str(err)[:2000]
 dst = save_partitioned(f"{out}/converted", encoder)
 torch.distributed.barrier()
 again = whole(build(f"{out}/converted"))
