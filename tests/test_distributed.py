@@ -146,3 +146,20 @@ def test_cpu_fsdp_config_is_a_real_accelerate_config():
     config = ClusterConfig.from_yaml_file(str(FSDP_CPU))
     assert (config.distributed_type, config.num_processes, config.use_cpu) == ("FSDP", 2, True)
     assert config.fsdp_config["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
+
+
+@pytest.mark.slow
+def test_device_script_dry_run_runs_every_engine_and_row():
+    from benchmarks import gpu
+
+    result = gpu.main(["--dry-run", "--warmup", "0", "--repeats", "1", "--gen-repeats", "1", "--new-tokens", "2"])
+    train = result["train"]
+    assert train["ddp"]["engine"] == "ddp" and train["fsdp"]["engine"] == "fsdp" and "skipped" in train["zero3"]
+    assert train["fsdp"]["max_rel_gap_vs_ddp"] < TOL["rtol"]  # fp32 on CPU: the parity of the slow tests above
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["llava-hr-tiny", "LLaVA-1.5-24", "LLaVA-1.5-48", "LLaVA-1.5-72", "AnyRes-48"]
+    assert rows["llava-hr-tiny"]["visual_tokens"] == 64 and rows["LLaVA-1.5-72"]["visual_tokens"] == 18 * 18
+    assert rows["LLaVA-1.5-72"]["ttft_vs_1.5_1022"] == 1.0 and rows["AnyRes-48"]["ttft_vs_anyres"] == 1.0
+    for row in rows.values():
+        assert row["ttft_ms"] == pytest.approx(row["encoder_ms"] + row["prefill_ms"])
+        assert row["tokens_per_s_b1"] > 0 and row["tokens_per_s_b8"] > 0
