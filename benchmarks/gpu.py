@@ -104,7 +104,7 @@ def train_parity(steps: int, dry: bool, workdir: Path) -> dict[str, Any]:
             runs[engine] = json.loads((out / "losses.json").read_text())
         print(f"train {engine}: {runs[engine] if 'failed' not in runs[engine] else 'FAILED'}", flush=True)
     base = runs["ddp"].get("losses")
-    for engine, run in runs.items():
+    for run in runs.values():
         if base and run.get("losses") and len(run["losses"]) == len(base):
             run["max_rel_gap_vs_ddp"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], base))
     return runs
