@@ -113,17 +113,14 @@ def freeze_unreached(model: Any) -> list[str]:
     tower = [(n, p) for n, p in inner.vision_tower.named_parameters() if p.requires_grad]
     if not tower:
         return []
-    saved = {n: p.grad for n, p in tower}
-    for _, p in tower:
-        p.grad = None
     blank = torch.zeros(1, 3, side, side, device=ref.device, dtype=ref.dtype)
     with torch.enable_grad():
         features = inner.get_image_features(pixel_values=blank, vision_feature_layer=-1,
                                             vision_feature_select_strategy="full").pooler_output
-        sum(f.float().sum() for f in features).backward()
-    unreached = [n for n, p in tower if p.grad is None]
+        total = sum(f.float().sum() for f in features)
+        grads = torch.autograd.grad(total, [p for _, p in tower], allow_unused=True)  # no .grad is touched
+    unreached = [n for (n, p), g in zip(tower, grads) if g is None]
     for n, p in tower:
-        p.grad = saved[n]
         if n in unreached:
             p.requires_grad_(False)
     return [f"model.vision_tower.{n}" for n in unreached]
