@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test`.
-# Both create .venv and install the project into it first (about 2-5 minutes the first time).
+# Both create .venv and install the project into it first (about 2-5 minutes the first time);
+# pip's own output goes to .venv/install.log and is shown only if the install fails.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,12 @@ BIN := $(VENV)/bin
 .PHONY: venv demo test test-slow docs lint clean
 
 $(BIN)/mixres: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "installing mixres and its dev extras into $(VENV) (log: $(VENV)/install.log) ..."
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip > $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
+	@$(BIN)/pip install -q -e '.[dev]' >> $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
 	@touch $(BIN)/mixres
+	@echo "installed: $$($(BIN)/python -c 'import mixres, torch; print("mixres", mixres.__version__, "torch", torch.__version__)')"
 
 venv: $(BIN)/mixres
 
@@ -27,7 +30,7 @@ docs: venv
 	$(BIN)/mkdocs build --strict
 
 lint: venv
-	$(BIN)/ruff check mixres integrations benchmarks tests
+	$(BIN)/ruff check mixres integrations benchmarks tests scripts
 
 clean:
 	rm -rf $(VENV) site build dist *.egg-info

@@ -20,11 +20,25 @@ of the tile size ``t``) and an encoder with a ``(g_h, g_w)`` grid on one tile::
 Token count: ``g_h g_w + rows * (cols + 1)`` with ``(rows, cols)`` the unpadded grid (``+ 1``
 only with the newline); :func:`anyres_layout` computes it from sizes alone.
 
-Where we differ from the release:
+Two conventions (``convention=``), which differ for some image sizes:
+
+- ``"hf"`` (the default): transformers' ``llava_next`` (``LlavaNextImageProcessor``,
+  ``LlavaNextProcessor._get_number_of_features``, ``unpad_image``). It reads a config's
+  ``image_grid_pinpoints`` pairs as ``(h, w)`` (:data:`HF_PINPOINTS` is its default list) and
+  unpads with ``int(round(x, 7))``. An HF LLaVA-NeXT model and its processor count tokens this
+  way, so mixres inside one must too.
+- ``"llava_next"``: the original release (github.com/LLaVA-VL/LLaVA-NeXT), which reads the same
+  pairs as ``(w, h)`` (:data:`LLAVA_NEXT_PINPOINTS` is its list, swapped to ``(h, w)``, so that
+  ties, which keep the first best pinpoint, break as in the release) and unpads with ``int(x)``.
+  :func:`pinpoints_from_config` reads a config list either way.
+
+With transformers' default list the two pick different grids for about a quarter of random
+sizes (ties between 672x336 and 336x672; e.g. a 200x300 image), and ``int`` vs ``round``
+differs for a few sizes (tests/test_anyres.py counts both).
+
+Where we differ from the release otherwise:
 
 - Sizes are ``(h, w)`` everywhere; the release writes ``(width, height)``.
-  :data:`LLAVA_NEXT_PINPOINTS` is the release's list with each pair swapped, so that ties (which
-  keep the first best pinpoint) break as in the release.
 - Images arrive normalised (``Tensor[3, H, W]``), so resizing is on normalised pixels (bicubic
   with antialias, float32) and the padding is ``0`` (the mean colour); the release resizes the
   PIL image and pads it with black before normalising. Padding rows are removed by unpad anyway.
@@ -37,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +62,11 @@ from .errors import MixresError, ShapeError
 
 __all__ = [
     "LLAVA_NEXT_PINPOINTS",
+    "HF_PINPOINTS",
+    "CONVENTIONS",
+    "Convention",
+    "check_convention",
+    "pinpoints_from_config",
     "AnyResLayout",
     "select_best_resolution",
     "resize_and_pad",
@@ -63,6 +82,34 @@ __all__ = [
 # LLaVA-NeXT's image_grid_pinpoints [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 # are (width, height); these are the same resolutions as (height, width), in the same order.
 LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = ((672, 336), (336, 672), (672, 672), (336, 1008), (1008, 336))
+# transformers' LlavaNextImageProcessor default, the same list read as (height, width)
+HF_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+Convention = Literal["hf", "llava_next"]
+CONVENTIONS: tuple[str, ...] = ("hf", "llava_next")
+
+
+def check_convention(convention: Any) -> Convention:
+    """Return ``convention`` if it is one of :data:`CONVENTIONS`.
+
+    Raises:
+        MixresError: any other value.
+    """
+    if convention not in CONVENTIONS:
+        raise MixresError(f"convention has to be one of {list(CONVENTIONS)} (transformers' llava_next, or the original "
+                          f"LLaVA-NeXT release), but got {convention!r}")
+    return convention
+
+
+def pinpoints_from_config(pinpoints: Sequence[Sequence[int]], convention: Convention = "hf") -> list[tuple[int, int]]:
+    """A config's ``image_grid_pinpoints`` as ``(h, w)`` pairs: transformers reads each pair as
+    ``(h, w)``, the original LLaVA-NeXT as ``(w, h)``.
+
+    Example:
+        >>> pinpoints_from_config([[336, 672], [672, 336]], "llava_next")
+        [(672, 336), (336, 672)]
+    """
+    pairs = check_pinpoints(pinpoints)
+    return pairs if check_convention(convention) == "hf" else [(w, h) for h, w in pairs]
 
 
 class AnyResLayout(NamedTuple):
@@ -211,16 +258,20 @@ def untile(tiles: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return rearrange(tiles, "(b nh nw) c h w -> b c (nh h) (nw w)", nh=nh, nw=nw)
 
 
-def unpad_bounds(size: Sequence[int], original_size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def unpad_bounds(
+    size: Sequence[int], original_size: Sequence[int], convention: Convention = "hf"
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Rows and columns ``((r0, r1), (c0, c1))`` of a padded ``size`` map that hold the image.
 
-    The release's ``unpad_image`` arithmetic: the side that was filled is kept whole; the other
-    keeps ``int(original * scale)`` rows (or columns) less ``(size - that) // 2`` at both ends, so
-    an odd margin keeps one padding row.
+    ``unpad_image``'s arithmetic: the side that was filled is kept whole; the other keeps
+    ``n = original * scale`` rows (or columns), rounded ``int(round(n, 7))`` (``"hf"``) or
+    ``int(n)`` (``"llava_next"``), less ``(size - n) // 2`` at both ends, so an odd margin keeps
+    one padding row.
 
     Args:
         size: ``(H, W)`` of the merged map.
         original_size: ``(h, w)`` of the original image.
+        convention: ``"hf"`` or ``"llava_next"`` (see the module docstring).
 
     Returns:
         ``((r0, r1), (c0, c1))``.
@@ -231,21 +282,24 @@ def unpad_bounds(size: Sequence[int], original_size: Sequence[int]) -> tuple[tup
     """
     current_h, current_w = to_2tuple("size", tuple(size))
     height, width = to_2tuple("original_size", tuple(original_size))
+    # transformers rounds to 7 decimals first, so 47.99999999 counts as 48; the release truncates
+    rounded = (lambda x: int(round(x, 7))) if check_convention(convention) == "hf" else int
     if width / height > current_w / current_h:
-        new_h = int(height * (current_w / width))
+        new_h = rounded(height * (current_w / width))
         pad = (current_h - new_h) // 2
         return (pad, current_h - pad), (0, current_w)
-    new_w = int(width * (current_h / height))
+    new_w = rounded(width * (current_h / height))
     pad = (current_w - new_w) // 2
     return (0, current_h), (pad, current_w - pad)
 
 
-def unpad_tokens(map: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
+def unpad_tokens(map: torch.Tensor, original_size: Sequence[int], convention: Convention = "hf") -> torch.Tensor:
     """Remove the rows or columns of a merged feature map that only saw padding.
 
     Args:
         map (Tensor[..., C, H, W]): the merged tile map of one image (any leading dims).
         original_size: ``(h, w)`` of the original image.
+        convention: ``"hf"`` or ``"llava_next"`` (rounding, see :func:`unpad_bounds`).
 
     Returns:
         Tensor[..., C, rows, cols] (a view).
@@ -256,7 +310,7 @@ def unpad_tokens(map: torch.Tensor, original_size: Sequence[int]) -> torch.Tenso
     """
     if not isinstance(map, torch.Tensor) or map.ndim < 3:
         raise ShapeError(f"map has to be a Tensor[..., C, H, W], but got {getattr(map, 'shape', type(map).__name__)}")
-    (r0, r1), (c0, c1) = unpad_bounds(tuple(map.shape[-2:]), original_size)
+    (r0, r1), (c0, c1) = unpad_bounds(tuple(map.shape[-2:]), original_size, convention)
     return map[..., r0:r1, c0:c1]
 
 
@@ -291,6 +345,7 @@ def anyres_layout(
     base_grid: Sequence[int],
     newline: bool = True,
     unpad: bool = True,
+    convention: Convention = "hf",
 ) -> AnyResLayout:
     """What AnyRes does with an image of ``image_size``, from sizes alone (no tensor is made).
 
@@ -301,6 +356,8 @@ def anyres_layout(
         base_grid: the encoder's token grid ``(g_h, g_w)`` on one ``t x t`` tile.
         newline: whether a newline token ends each row of the tile map.
         unpad: whether padding rows/columns are removed.
+        convention: ``"hf"`` or ``"llava_next"``: the unpad rounding (the pinpoints are
+            ``(h, w)`` either way; read a config list with :func:`pinpoints_from_config`).
 
     Returns:
         An :class:`AnyResLayout`.
@@ -316,6 +373,6 @@ def anyres_layout(
     nh, nw = best[0] // tile_size, best[1] // tile_size
     rows, cols = nh * gh, nw * gw
     if unpad:
-        (r0, r1), (c0, c1) = unpad_bounds((rows, cols), image_size)
+        (r0, r1), (c0, c1) = unpad_bounds((rows, cols), image_size, convention)
         rows, cols = r1 - r0, c1 - c0
     return AnyResLayout(best, (nh, nw), (gh, gw), (rows, cols), gh * gw + rows * (cols + int(newline)))

@@ -1,4 +1,4 @@
-"""The ``mixres`` console script: ``mixres list | describe | convert | demo``."""
+"""The ``mixres`` console script: ``mixres list | describe | convert | chat | bench | plan | eval | explain``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import registry
+from .errors import MixresError
 
 __all__ = ["main"]
 
@@ -59,19 +60,33 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert an official LLaVA-HR checkpoint's vision part + projector to mixres safetensors."""
-    import mixres
-    from mixres.convert import load_llava_hr_vision, read_checkpoint, save_converted
+    """Convert an official LLaVA-HR checkpoint's vision part + projector to mixres safetensors.
+
+    Exit status: 0 written; 1 keys missing / unexpected (nothing written); 2 bad input (one
+    line on stderr, nothing written).
+    """
+    import warnings
+
+    from mixres.convert import convert_checkpoint
+    from mixres.errors import MixresError
 
     _import_all()
-    encoder = mixres.create_encoder(args.preset)
-    projector = mixres.create_projector(args.projector, in_dim=encoder.out_dim, out_dim=args.llm_dim)
-    report = load_llava_hr_vision(encoder, read_checkpoint(args.src, keep=("model.vision_tower.", "model.mm_projector.")), projector)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = convert_checkpoint(args.src, args.dst, preset=args.preset, llm_dim=args.llm_dim,
+                                        dtype=args.dtype, allow_missing=args.allow_missing, overwrite=args.overwrite)
+    except MixresError as err:
+        first, _, rest = str(err).partition("\n")
+        if rest:  # an incomplete conversion: the report, then the one-line verdict
+            print(rest)
+            print(f"mixres convert: {first}", file=sys.stderr)
+            return 1
+        print(f"mixres convert: {first}", file=sys.stderr)
+        return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(report.summary())
-    if not report.ok and not args.allow_missing:
-        print("conversion incomplete (see unexpected / missing above); nothing written", file=sys.stderr)
-        return 1
-    save_converted(args.dst, encoder, projector)
     print(f"wrote {args.dst}/model.safetensors and mixres_config.json")
     return 0
 
@@ -109,9 +124,20 @@ def _import_all() -> None:
                 raise
 
 
+def _tool(name: str):
+    """The module of a tool command (``mixres.plan``, ``mixres.evaluate``, ``mixres.explain_cli``)."""
+    import importlib
+
+    return importlib.import_module(f"mixres.{name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mixres`` command."""
-    parser = argparse.ArgumentParser(prog="mixres", description="Resolution adapters for multimodal LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="mixres",
+        description="Resolution adapters for multimodal LLMs.",
+        epilog="--debug (before the subcommand's arguments): show the traceback of an error",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list the registered fusions, projectors, pathways and encoders")
     p.add_argument("kind", nargs="?", choices=sorted(registry.REGISTRIES), help="only this kind")
@@ -124,16 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("convert", help="convert an official checkpoint: mixres convert llava-hr SRC DST")
     p.add_argument("format", choices=["llava-hr"], help="the checkpoint's origin")
-    p.add_argument("src", help="official checkpoint directory or file (local)")
-    p.add_argument("dst", help="output directory")
-    p.add_argument("--preset", default="llava-hr-7b-1024", help="encoder preset the checkpoint was trained with")
-    p.add_argument("--projector", default="mlp2x_gelu", help="projector name")
-    p.add_argument("--llm-dim", type=int, default=4096, help="the LLM's hidden size (projector output)")
-    p.add_argument("--allow-missing", action="store_true", help="write even if keys are missing/unexpected")
+    p.add_argument("src", help="official checkpoint directory (config.json + weight shards) or weight file (local)")
+    p.add_argument("dst", help="output directory (must not exist, or be empty; see --overwrite)")
+    p.add_argument("--preset", default=None,
+                   help="encoder preset name or a JSON encoder config file (default: from SRC/config.json)")
+    p.add_argument("--llm-dim", type=int, default=None,
+                   help="the LLM width the projector maps to (default: read from the checkpoint; a check if given)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the written weights (default: the checkpoint's own)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="write even if keys are missing/unexpected (they keep their init; listed in a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at DST")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("chat", help="chat about an image: mixres chat --model DIR --image IMG --prompt TEXT", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("plan", help="tokens, FLOPs, params and KV cache of every encoder for a budget")
+    _tool("plan").build_parser(p).set_defaults(func=lambda a: _tool("plan").run(a))
+    p = sub.add_parser("eval", help="score a trained model on a local question file (vqa, exact, anls)")
+    _tool("evaluate").build_parser(p).set_defaults(func=lambda a: _tool("evaluate").run(a))
+    p = sub.add_parser("explain", help="PNG of where the high-res pathway changed the tokens of an image")
+    _tool("explain_cli").build_parser(p).set_defaults(func=lambda a: _tool("explain_cli").run(a))
     p = sub.add_parser("bench", help="run a benchmark: mixres bench cost|speed|gpu [args]")
     p.add_argument("which", choices=["cost", "speed", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -141,15 +178,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors that come from what the user typed or pointed at (not from a bug in mixres)
+_USER_ERRORS = (MixresError, OSError, ImportError)
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` from the mixres-level arguments (before a subcommand's REMAINDER)."""
+    head = argv[:2] if argv[:1] in (["chat"], ["bench"]) else argv
+    if "--debug" not in head:
+        return argv, False
+    cut = head.index("--debug")
+    return argv[:cut] + argv[cut + 1 :], True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code.
+
+    A user error (a :class:`~mixres.errors.MixresError`, a file that cannot be read or written,
+    a missing optional package) prints one line, ``mixres: error: ...``, on stderr and returns
+    2, as argparse does for bad arguments; an unexpected exception prints one line and returns
+    1. ``--debug`` (anywhere before a ``chat`` / ``bench`` subcommand's own arguments, or
+    among them for ``chat``) re-raises instead, for the traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _pop_debug(argv)
     if argv[:1] == ["chat"]:  # forwarded whole: argparse's REMAINDER drops leading --flags
         from mixres.integrations.hf.chat import main as chat_main
 
-        return chat_main(argv[1:])
+        return chat_main(argv[1:] + (["--debug"] if debug else []))
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mixres: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        return _report(err)
+
+
+def _report(err: Exception) -> int:
+    """Print one line for ``err``; 2 for a user error, 1 for an internal one."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, _USER_ERRORS):
+        print(f"mixres: error: {text}", file=sys.stderr)
+        return 2
+    print(f"mixres: internal error ({type(err).__name__}: {text}); rerun with --debug for the traceback "
+          "and report it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._utils import check_positive_int, to_2tuple
+from ._utils import check_like_parameters, check_positive_int, to_2tuple
 from .errors import MixresError, ShapeError
 from .grid import check_tokens, map_to_tokens, tokens_to_map
 from .registry import Configurable, register_projector, register_projector_preset
@@ -91,7 +91,9 @@ class Compressor(Configurable, nn.Module):
         """Validate ``tokens (Tensor[B, h*w, in_dim])``; a ``None`` grid means square.
 
         Raises:
-            TypeError / ShapeError: not a tensor, wrong rank, width or dtype, ``N`` not on the grid.
+            TypeError / ShapeError: not a tensor, wrong rank, width or dtype (or not the
+                parameters' dtype outside ``torch.autocast``), ``N`` not on the grid.
+            DeviceError: the tokens are not on the parameters' device.
         """
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens has to be a Tensor[B, N, {self.in_dim}], but got {type(tokens).__name__}")
@@ -107,6 +109,7 @@ class Compressor(Configurable, nn.Module):
             raise ShapeError(f"tokens have C={tokens.shape[-1]} channels, but this {type(self).__name__} was built with in_dim={self.in_dim}")
         if not tokens.is_floating_point():
             raise ShapeError(f"tokens have to be floating point, but got {tokens.dtype}")
+        check_like_parameters(self, tokens=tokens)
         return h, w
 
     def extra_repr(self) -> str:

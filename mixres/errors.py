@@ -8,7 +8,15 @@ helps, how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["MixresError", "ShapeError", "ConfigError", "UnknownNameError", "WeightsError"]
+__all__ = [
+    "MixresError",
+    "ShapeError",
+    "DeviceError",
+    "ConfigError",
+    "UnknownNameError",
+    "WeightsError",
+    "CheckpointError",
+]
 
 
 class MixresError(ValueError):
@@ -19,12 +27,20 @@ class ShapeError(MixresError):
     """A tensor's rank, size or dtype does not fit what the module expects."""
 
 
+class DeviceError(MixresError):
+    """An input sits on another device than the module's parameters (or than the other inputs)."""
+
+
 class ConfigError(MixresError):
     """A config dict is malformed: missing ``kind``/``name``, unknown keys, bad values."""
 
 
 class WeightsError(MixresError):
     """Weights could not be found or do not fit the architecture (names or shapes)."""
+
+
+class CheckpointError(MixresError):
+    """A training checkpoint is torn, incomplete or belongs to another run (resume refuses it)."""
 
 
 class UnknownNameError(MixresError, KeyError):

@@ -20,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._utils import to_2tuple
+from ._utils import check_choice, to_2tuple
 from .errors import ShapeError
 
 __all__ = ["tokens_to_map", "map_to_tokens", "resample", "resample_pos_embed", "check_tokens", "check_map"]
+
+# F.interpolate's modes for a 4-D map, and those it can antialias
+_INTERPOLATION_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+_ANTIALIAS_MODES = ("bilinear", "bicubic")
 
 
 def check_tokens(tokens: torch.Tensor, grid: tuple[int, int], name: str = "tokens") -> tuple[int, int]:
@@ -31,7 +35,7 @@ def check_tokens(tokens: torch.Tensor, grid: tuple[int, int], name: str = "token
 
     Raises:
         TypeError: ``tokens`` is not a tensor or ``grid`` is not a pair of ints.
-        ShapeError: wrong rank, empty batch, or ``N != h * w``.
+        ShapeError: wrong rank, empty batch, no channels, or ``N != h * w``.
     """
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} has to be a Tensor[B, N, C], but got {type(tokens).__name__}")
@@ -40,6 +44,8 @@ def check_tokens(tokens: torch.Tensor, grid: tuple[int, int], name: str = "token
     h, w = to_2tuple("grid", tuple(grid) if isinstance(grid, (list, tuple)) else grid)
     if tokens.shape[0] == 0:
         raise ShapeError(f"{name} has an empty batch (shape {tuple(tokens.shape)}); pass at least one sample")
+    if tokens.shape[2] == 0:
+        raise ShapeError(f"{name} has C=0 channels (shape {tuple(tokens.shape)}); a token needs at least one")
     if tokens.shape[1] != h * w:
         raise ShapeError(
             f"{name} has N={tokens.shape[1]} tokens, but grid {(h, w)} needs h*w={h * w}"
@@ -48,13 +54,21 @@ def check_tokens(tokens: torch.Tensor, grid: tuple[int, int], name: str = "token
 
 
 def check_map(map: torch.Tensor, name: str = "map") -> None:
-    """Validate ``map (Tensor[B, C, H, W])``: a tensor of rank 4 with a non-empty batch."""
+    """Validate ``map (Tensor[B, C, H, W])``: a tensor of rank 4, every size > 0.
+
+    Raises:
+        TypeError: not a tensor.
+        ShapeError: wrong rank, or a zero-size batch, channel axis, height or width (nothing
+            can be aligned to, or pooled from, an empty map).
+    """
     if not isinstance(map, torch.Tensor):
         raise TypeError(f"{name} has to be a Tensor[B, C, H, W], but got {type(map).__name__}")
     if map.ndim != 4:
         raise ShapeError(f"{name} has to be a Tensor[B, C, H, W] (rank 4), but got shape {tuple(map.shape)}")
     if map.shape[0] == 0:
         raise ShapeError(f"{name} has an empty batch (shape {tuple(map.shape)}); pass at least one sample")
+    if 0 in map.shape[1:]:
+        raise ShapeError(f"{name} has a zero-size axis (shape {tuple(map.shape)} as B, C, H, W); C, H and W have to be > 0")
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -105,6 +119,10 @@ def resample(map: torch.Tensor, size: int | tuple[int, int], *, align_corners: b
         map (Tensor[B, C, h, w]) of the input's dtype. Returns the input itself when the size
         already matches.
 
+    Raises:
+        ShapeError: not a float map (pooling integers would truncate), a zero-size map, or a
+            target size that is not positive.
+
     Example:
         >>> resample(torch.ones(1, 3, 8, 8), (4, 4)).shape  # 2x2 average pooling
         torch.Size([1, 3, 4, 4])
@@ -112,6 +130,8 @@ def resample(map: torch.Tensor, size: int | tuple[int, int], *, align_corners: b
         torch.Size([1, 3, 12, 3])
     """
     check_map(map)
+    if not map.is_floating_point():
+        raise ShapeError(f"map has to be floating point to be resampled (pooling would truncate), but got {map.dtype}")
     h, w = to_2tuple("size", size)
     src_h, src_w = int(map.shape[2]), int(map.shape[3])
     if (h, w) == (src_h, src_w):
@@ -154,14 +174,33 @@ def resample_pos_embed(
     Returns:
         Tensor[1, P + h*w, C] of the input's dtype (the input itself when nothing changes).
 
+    Raises:
+        TypeError: ``pos_embed`` is not a tensor.
+        ShapeError: wrong rank, not floating point, more prefix rows than rows, or a grid that
+            does not fit the rows.
+        MixresError: an ``interpolation`` that ``F.interpolate`` does not offer (with ``antialias``).
+
     Example:
         >>> resample_pos_embed(torch.zeros(1, 1 + 24 * 24, 8), (32, 16)).shape
         torch.Size([1, 513, 8])
     """
+    if not isinstance(pos_embed, torch.Tensor):
+        raise TypeError(f"pos_embed has to be a Tensor[1, P + h*w, C], but got {type(pos_embed).__name__}")
     if pos_embed.ndim != 3:
         raise ShapeError(f"pos_embed has to be Tensor[1, P + h*w, C], but got shape {tuple(pos_embed.shape)}")
+    if not pos_embed.is_floating_point():
+        raise ShapeError(f"pos_embed has to be floating point, but got {pos_embed.dtype}")
     new_h, new_w = to_2tuple("new_grid", new_grid)
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise TypeError(f"num_prefix_tokens has to be an int >= 0, but got {num_prefix_tokens!r}")
+    modes = _ANTIALIAS_MODES if antialias else _INTERPOLATION_MODES
+    check_choice("interpolation" + (" (with antialias=True)" if antialias else ""), interpolation, modes)
     num_pos = pos_embed.shape[1] - num_prefix_tokens
+    if num_pos <= 0:
+        raise ShapeError(
+            f"pos_embed has {pos_embed.shape[1]} rows, but num_prefix_tokens={num_prefix_tokens} leaves "
+            f"no grid rows (shape {tuple(pos_embed.shape)})"
+        )
     if old_grid is None:
         side = math.isqrt(num_pos)
         if side * side != num_pos:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._utils import check_positive_int
+from ._utils import check_like_parameters, check_positive_int
 from .errors import ConfigError, ShapeError
 from .registry import Configurable, register_projector, register_projector_preset
 
@@ -35,11 +35,15 @@ class _KeepsGrid:
         return int(h), int(w)
 
 
-def _check_width(x: torch.Tensor, in_dim: int, who: str) -> None:
+def _check_width(x: torch.Tensor, in_dim: int, who: str, module: nn.Module) -> None:
+    """Rank >= 2, width ``in_dim``, floating point, dtype and device of ``module``'s parameters."""
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ShapeError(f"{who} takes Tensor[..., {in_dim}], but got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[-1] != in_dim:
         raise ShapeError(f"{who} was built with in_dim={in_dim}, but the input has width {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise ShapeError(f"{who} takes floating-point tokens, but got dtype {x.dtype}")
+    check_like_parameters(module, tokens=x)
 
 
 class LinearProjector(_KeepsGrid, Configurable, nn.Linear):
@@ -57,7 +61,7 @@ class LinearProjector(_KeepsGrid, Configurable, nn.Linear):
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
-        _check_width(x, self.in_dim, "linear projector")
+        _check_width(x, self.in_dim, "linear projector", self)
         return super().forward(x)
 
 
@@ -83,7 +87,7 @@ class MLPProjector(_KeepsGrid, Configurable, nn.Sequential):
         self.in_dim, self.out_dim, self.depth = in_dim, out_dim, depth
 
     def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
-        _check_width(x, self.in_dim, f"mlp{self.depth}x_gelu projector")
+        _check_width(x, self.in_dim, f"mlp{self.depth}x_gelu projector", self)
         return super().forward(x)
 
 
@@ -103,7 +107,7 @@ class IdentityProjector(_KeepsGrid, Configurable, nn.Module):
         self.in_dim = self.out_dim = in_dim
 
     def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
-        _check_width(x, self.in_dim, "identity projector")
+        _check_width(x, self.in_dim, "identity projector", self)
         return x
 
 

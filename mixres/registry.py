@@ -252,13 +252,26 @@ class Registry:
 
         ``None`` is a value like any other (``final_fusion=None``: no final fusion), unlike timm's
         factories, which drop it: a caller who passes it means it.
+
+        Raises:
+            UnknownNameError: ``name`` (or a name a preset points at) is not registered.
+            ConfigError: presets that point at each other in a cycle (the cycle is named).
         """
+        return self._resolve(name, overrides, ())
+
+    def _resolve(self, name: str, overrides: Mapping[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
         self._missing(name)
+        if name in chain:
+            raise ConfigError(
+                f"{self.kind} presets form a cycle: {' -> '.join([*chain, name])}; "
+                "a preset's 'name' has to lead to a registered class"
+            )
         kept = dict(overrides)
         if name in self._classes:
             return {"kind": self.kind, "name": name, **kept}
         preset = dict(self._presets[name])
-        return {**self.resolve(preset.pop("name"), **{k: v for k, v in preset.items() if k != "kind"}), **kept}
+        inner = self._resolve(preset.pop("name"), {k: v for k, v in preset.items() if k != "kind"}, (*chain, name))
+        return {**inner, **kept}
 
     def get_preset(self, name: str) -> dict[str, Any]:
         """A copy of the preset config ``name`` (not followed)."""
@@ -320,11 +333,32 @@ def build(config: Mapping[str, Any]) -> Any:
         raise ConfigError(f"config kind {kind!r} is unknown; expected one of {sorted(REGISTRIES)}")
     registry = REGISTRIES[kind]
     args = {k: v for k, v in config.items() if k not in ("kind", "name")}
+    if kind == "pathway":
+        args = _migrate_weight_args(args, config["name"])
     resolved = registry.resolve(config["name"], **args)
     cls = registry._classes[resolved.pop("name")]
     resolved.pop("kind")
     _check_args(cls, resolved)
     return cls(**resolved)
+
+
+#: pathway arguments of mixres <= 0.1.0 that are now ``weights`` (configs saved then still load)
+_LEGACY_WEIGHT_ARGS = ("model_name_or_path", "checkpoint_path")
+
+
+def _migrate_weight_args(args: dict[str, Any], name: str) -> dict[str, Any]:
+    old = [k for k in _LEGACY_WEIGHT_ARGS if k in args]
+    if not old:
+        return args
+    if len(old) > 1 or "weights" in args:
+        raise ConfigError(f"pathway {name!r} config has {old + (['weights'] if 'weights' in args else [])}; "
+                          "they all name its weights: keep only 'weights'")
+    import warnings
+
+    warnings.warn(f"pathway {name!r}: the config key {old[0]!r} is now 'weights' (renamed on load)", FutureWarning, stacklevel=3)
+    args = dict(args)
+    args["weights"] = args.pop(old[0])
+    return args
 
 
 def _check_args(cls: type, args: Mapping[str, Any]) -> None:

@@ -237,7 +237,10 @@ def test_llava_next_preset():
     import inspect
 
     cfg = mixres.ENCODERS.resolve("llava-next-anyres-672")
-    assert cfg["pinpoints"] == [[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]
+    assert cfg["pinpoints"] == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] and cfg["convention"] == "hf"
+    original = mixres.ENCODERS.resolve("llava-next-anyres-672", pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
+                                       convention="llava_next")  # the original release, as an explicit option
+    assert original["pinpoints"] == [[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]
     assert cfg["tile_size"] == 336 and cfg["encoder"]["select_layer"] == -2
     hf_args = inspect.signature(mixres.PATHWAYS.get_class(cfg["encoder"]["name"])).parameters
     assert set(cfg["encoder"]) - {"kind", "name"} <= set(hf_args)

@@ -215,3 +215,26 @@ def test_a_plugin_fusion_goes_through_the_same_loop(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("('pass', '64 tokens x 32')") == 2, res.stdout
+
+
+def test_integrations_use_only_public_core_names_and_hf_never_imports_llava():
+    import ast
+
+    for path in sorted((ROOT / "integrations").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module if node.level == 0 else f"<rel{node.level}>.{node.module}"
+                assert not any(part.startswith("_") for part in module.split(".") if part and part != "__future__"), \
+                    f"{path.relative_to(ROOT)} imports the private {module}"
+                if path.parent.name == "hf":
+                    assert "llava" not in module.split("."), f"{path.relative_to(ROOT)} imports {module}: hf must not import llava"
+
+
+def test_configs_saved_with_the_old_weight_argument_names_still_build():
+    from mixres.encoders.presets import TINY_VIT as vit
+
+    with pytest.warns(FutureWarning, match="'model_name_or_path' is now 'weights'"):
+        pathway = mixres.build({"kind": "pathway", "name": "hf_clip", "config": vit, "model_name_or_path": None})
+    assert pathway.config["weights"] is None
+    with pytest.raises(ConfigError, match="keep only 'weights'"):
+        mixres.build({"kind": "pathway", "name": "timm_map", "model_name": "convnext_atto", "checkpoint_path": None, "weights": None})

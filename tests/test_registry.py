@@ -56,12 +56,12 @@ def test_unknown_name_is_a_key_error_with_close_matches():
         mixres.create_projector("zzz")
 
 
-def test_presets_merge_overrides_and_drop_none():
+def test_presets_merge_overrides_and_keep_none():
     reg, Plain = _widget_registry()
     reg.register_preset("wide", {"name": "plain", "width": 16})
     assert reg.create("wide").config == {"kind": "widget_test", "name": "plain", "width": 16, "depth": 1}
-    assert reg.create("wide", width=8, depth=None).config["width"] == 8
-    assert reg.create("wide", depth=None).config["depth"] == 1  # None dropped, default kept
+    assert reg.create("wide", width=8).config["width"] == 8
+    assert reg.resolve("wide", depth=None)["depth"] is None  # None is a value: passed on, not dropped
     assert reg.is_preset("wide") and not reg.is_preset("plain")
     with pytest.raises(ConfigError, match="'name'"):
         reg.register_preset("bad", {"width": 3})

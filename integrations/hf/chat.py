@@ -11,6 +11,7 @@ unsupported image) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,14 +34,24 @@ def build_parser(prog: str = "mixres chat") -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
     parser.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype (default: as saved)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse nonsensical numbers before any model is loaded."""
+    if args.max_new_tokens <= 0:
+        raise MixresError(f"--max-new-tokens has to be > 0, but got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise MixresError(f"--temperature has to be a finite number >= 0, but got {args.temperature}")
 
 
 def open_image(path: str | Path) -> Any:
     """Open an image file with PIL.
 
     Raises:
-        ImageInputError: the file does not exist or is not an image PIL can read.
+        ImageInputError: the file does not exist, is not an image PIL can read, or is larger
+            than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -53,7 +64,9 @@ def open_image(path: str | Path) -> Any:
         with Image.open(file) as image:
             image.load()
             return image
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:  # not an OSError: PIL's guard against huge images
+        raise ImageInputError(f"{str(path)!r} is refused as a decompression bomb ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageInputError(f"{str(path)!r} is not an image PIL can read ({err})") from None
 
 
@@ -69,25 +82,46 @@ def format_prompt(processor: Any, prompt: str, num_images: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mixres chat`` with ``argv`` (default: ``sys.argv[1:]``); print the answer; return the exit status."""
+    """Run ``mixres chat`` with ``argv`` (default: ``sys.argv[1:]``); print the answer; return the exit status.
+
+    A user error (bad arguments, a missing or unreadable image or model directory) prints one
+    line on stderr and returns 2; an unexpected error prints one line and returns 1. With
+    ``--debug`` the exception propagates (traceback).
+    """
     args = build_parser().parse_args(argv)
+    try:
+        answer = _run(args)
+    except Exception as err:
+        if args.debug:
+            raise
+        text = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, (MixresError, OSError, ImportError)):
+            print(f"mixres chat: error: {text}", file=sys.stderr)
+            return 2
+        print(f"mixres chat: internal error ({type(err).__name__}: {text}); rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1
+    print(answer)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> str:
+    _check_args(args)
     import torch
 
     from .inference import generate, load_pretrained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        images = [open_image(p) for p in args.image]
-        model, processor = load_pretrained(args.model, dtype=dtype, device=device)
-        prompt = format_prompt(processor, args.prompt, len(images))
-        sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
-        answer = generate(model, processor, images, [prompt], max_new_tokens=args.max_new_tokens, **sampling)[0]
-    except MixresError as err:
-        print(f"mixres chat: error: {err}", file=sys.stderr)
-        return 2
-    print(answer)
-    return 0
+        torch.device(device)
+    except RuntimeError as err:
+        raise MixresError(f"--device {device!r} is not a torch device ({err})") from None
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    images = [open_image(p) for p in args.image]
+    model, processor = load_pretrained(args.model, dtype=dtype, device=device)
+    prompt = format_prompt(processor, args.prompt, len(images))
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
+    return generate(model, processor, images, [prompt], max_new_tokens=args.max_new_tokens, **sampling)[0]
 
 
 if __name__ == "__main__":

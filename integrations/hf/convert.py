@@ -5,7 +5,9 @@ The release (github.com/luogen1996/LLaVA-HR) saves a ``LlavaLlamaForCausalLM``: 
 (``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``), the vision tower
 under ``model.vision_tower.*`` and the ``mlp2x_gelu`` projector as ``model.mm_projector.{0,2}``.
 The vision part goes through :func:`mixres.convert.load_llava_hr_vision` into the encoder preset
-(``llava-hr-7b-<input_image_size>`` unless given); the rest is renamed:
+(:func:`mixres.convert.preset_for`: ``llava-hr-7b-<input_image_size>`` or ``llava-hr-x-1024``,
+unless given), in the checkpoint's dtype; the rest is renamed (``rotary_emb.inv_freq`` buffers,
+if an older transformers saved them, are dropped):
 
 | release | transformers Llava |
 |---|---|
@@ -17,28 +19,42 @@ The vision part goes through :func:`mixres.convert.load_llava_hr_vision` into th
 The release marks images with the id -200 in the token stream; transformers needs a real
 token, so ``<image>`` is added to the tokenizer (and ``<pad>`` if it has no pad token) and the
 embeddings grow to a multiple of 64 rows, new rows the mean of the old ones. The processor
-pads to a square with the mean colour, resizes to ``input_image_size`` and uses the Vicuna v1
-prompt of LLaVA-1.5 (``USER: <image>\\n... ASSISTANT:``) as its chat template. Nothing is
+(:func:`~mixres.integrations.hf.images.release_image_processor`) pads to a square with the mean
+colour, resizes to ``input_image_size`` and uses the Vicuna v1 prompt of LLaVA-1.5
+(``USER: <image>\\n... ASSISTANT:``) as its chat template. Its PIL backend reproduces the
+release's preprocessing; transformers loads the torchvision backend unless asked:
+``AutoProcessor.from_pretrained(dst, backend="pil")`` (see docs/converting.md for the measured
+difference). Output is written to a temporary directory renamed into place. Nothing is
 downloaded: ``src`` is a local directory.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaImageProcessor, LlavaProcessor
+from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaProcessor
 
-import mixres
-from mixres.convert import ConversionReport, load_llava_hr_vision, read_checkpoint
+from mixres.convert import (
+    DTYPES,
+    ConversionReport,
+    atomic_directory,
+    check_destination,
+    checkpoint_dtype,
+    load_llava_hr_vision,
+    projector_from_checkpoint,
+    read_checkpoint,
+    read_json,
+    resolve_encoder_config,
+)
 from mixres.errors import WeightsError
+from mixres.registry import build
 
 from .errors import ModelPathError
-from .images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .images import release_image_processor
 from .modeling import MixresVisionConfig
 
 __all__ = ["convert_llava_hr", "LLM_RENAMES", "VICUNA_TEMPLATE"]
@@ -66,13 +82,6 @@ VICUNA_TEMPLATE = (
 )
 
 
-def _preset_for(official: dict[str, Any]) -> str:
-    size = official.get("input_image_size", 1024)
-    if "xxlarge" in str(official.get("vision_tower_slow", "")):
-        return f"llava-hr-x-{size}"
-    return f"llava-hr-7b-{size}"
-
-
 def _text_config(official: dict[str, Any]) -> LlamaConfig:
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
@@ -80,10 +89,13 @@ def _text_config(official: dict[str, Any]) -> LlamaConfig:
     return LlamaConfig(**{k: official[k] for k in fields if official.get(k) is not None})
 
 
-def _rename_llm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _rename_llm(state: dict[str, torch.Tensor], report: ConversionReport) -> dict[str, torch.Tensor]:
     out, unknown = {}, []
     for key, value in state.items():
         if key.startswith(_VISION_PREFIX):
+            continue
+        if key.endswith("rotary_emb.inv_freq"):  # a buffer older transformers saved; recomputed from rope_theta
+            report.dropped.append(key)
             continue
         old = next((p for p in LLM_RENAMES if key.startswith(p)), None)
         if old is None:
@@ -120,36 +132,50 @@ def _tokenizer(src: Path, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def convert_llava_hr(src: str | Path, dst: str | Path, *, preset: str | None = None, tokenizer: Any = None,
-                     dtype: torch.dtype | None = None) -> ConversionReport:
+def convert_llava_hr(src: str | Path, dst: str | Path, *, preset: str | dict[str, Any] | None = None,
+                     tokenizer: Any = None, dtype: torch.dtype | str | None = None,
+                     overwrite: bool = False) -> ConversionReport:
     """Write a ``save_pretrained`` directory (model + processor) converted from an official checkpoint.
 
     Args:
-        src: the release directory: ``config.json``, weight shards (``*.safetensors`` / ``*.bin``)
-            and tokenizer files.
-        dst: the output directory; load it with :func:`~mixres.integrations.hf.load_pretrained`.
-        preset: the encoder preset the checkpoint was trained with; ``None``: from the release
-            config (``llava-hr-7b-<input_image_size>``, ``llava-hr-x-1024`` for ConvNeXt-XXL).
+        src: the release directory: ``config.json``, weight shards (``model*.safetensors`` /
+            ``pytorch_model*.bin``) and tokenizer files.
+        dst: the output directory (validated first, written as one unit); load it with
+            :func:`~mixres.integrations.hf.load_pretrained`.
+        preset: the encoder preset the checkpoint was trained with (a name, a config dict or a
+            ``.json`` file); ``None``: from the release config (``llava-hr-7b-<input_image_size>``,
+            ``llava-hr-x-1024`` for ConvNeXt-XXL).
         tokenizer: the tokenizer, if ``src`` has none.
-        dtype: cast the weights (``None``: as stored).
+        dtype: cast the weights (``"bf16"`` / ``"fp16"`` / ``"fp32"`` or a torch dtype; ``None``: as stored).
+        overwrite: replace an earlier conversion at ``dst``.
 
     Returns:
         The vision part's :class:`~mixres.convert.ConversionReport` (all keys accounted for).
 
     Raises:
         ModelPathError: ``src`` does not exist, has no ``config.json`` or no tokenizer.
-        WeightsError: release keys left over or missing, or shapes that do not fit the preset.
+        WeightsError: release keys left over or missing, shapes that do not fit the preset,
+            unreadable files or JSON (the message names the file).
+        MixresError: ``dst`` is a file, a non-empty directory without ``overwrite``, or not writable.
     """
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    src = Path(src).expanduser()
+    dst = check_destination(dst, overwrite=overwrite, marker="config.json")
     if not (src / "config.json").is_file():
         raise ModelPathError(f"{str(src)!r} is not an official LLaVA-HR directory (no config.json there)")
-    official = json.loads((src / "config.json").read_text())
-    encoder = mixres.create_encoder(preset or _preset_for(official))
+    official = read_json(src / "config.json", "release config")
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise WeightsError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or a torch dtype")
     state = read_checkpoint(src)
-    report = load_llava_hr_vision(encoder, {k: v for k, v in state.items() if not k.startswith("model.mm_projector.")})
+    projector = projector_from_checkpoint(state)
+    if projector["name"] != "mlp2x_gelu":
+        raise WeightsError(f"the checkpoint's projector is {projector['name']}; transformers' Llava has mlp2x_gelu only")
+    vision_state = {k: v for k, v in state.items() if k.startswith(_VISION_PREFIX)}
+    encoder = build({"kind": "encoder", **resolve_encoder_config(preset, src, official)}).to(checkpoint_dtype(vision_state))
+    report = load_llava_hr_vision(encoder, vision_state)
     if not report.ok:
         raise WeightsError(f"the vision part of {str(src)!r} does not fit the encoder preset:\n{report.summary()}")
-    tensors = _rename_llm(state)
+    tensors = _rename_llm(state, report)
     tokenizer = _tokenizer(src, tokenizer)
     text = _text_config(official)
     text.vocab_size = max(text.vocab_size, math.ceil(len(tokenizer) / 64) * 64)
@@ -165,14 +191,11 @@ def convert_llava_hr(src: str | Path, dst: str | Path, *, preset: str | None = N
     )
     config.architectures = ["LlavaForConditionalGeneration"]
     config.dtype = next(iter(tensors.values())).dtype if dtype is None else dtype
-    dst.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(dst)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    side = vision.image_size
-    image_processor = LlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                                          do_pad=True, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-                               vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                               chat_template=VICUNA_TEMPLATE)
-    processor.save_pretrained(dst)
+    processor = LlavaProcessor(image_processor=release_image_processor(vision.image_size), tokenizer=tokenizer,
+                               patch_size=vision.patch_size, vision_feature_select_strategy="full",
+                               num_additional_image_tokens=0, chat_template=VICUNA_TEMPLATE)
+    with atomic_directory(dst, overwrite=overwrite, marker="config.json") as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        processor.save_pretrained(tmp)
     return report

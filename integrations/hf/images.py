@@ -1,6 +1,7 @@
 """Checking and preparing images the way LLaVA-HR feeds them: RGB, padded to a square with the
 mean colour, then resized and normalised (by the model's image processor, or by
-:func:`reference_pixel_values`).
+:func:`reference_pixel_values`, which reproduces the release's PIL preprocessing through
+:func:`release_image_processor`).
 
 LLaVA-1.5 / LLaVA-HR ``expand2square``: the image is centred on a square canvas of the
 longer side filled with the CLIP mean colour (``tuple(int(m * 255) for m in image_mean)``), so
@@ -19,11 +20,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from transformers import LlavaImageProcessorPil
+from transformers.image_utils import PILImageResampling
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..llava.data import expand2square
+from mixres.images import expand2square
+
 from .errors import ImageInputError
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "to_rgb",
     "pad_to_square",
     "reference_pixel_values",
+    "release_image_processor",
 ]
 
 # below this an image holds less than one ViT patch, and a side of 1 or 3 pixels is mistaken
@@ -103,13 +107,45 @@ def pad_to_square(image: Image.Image, mean: Sequence[float] = OPENAI_CLIP_MEAN) 
     return expand2square(image, tuple(int(m * 255) for m in mean))
 
 
+def release_image_processor(
+    size: int,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    pad: bool = True,
+) -> LlavaImageProcessorPil:
+    """The image processor that reproduces LLaVA-HR's preprocessing: transformers' PIL backend.
+
+    The release ran transformers 4.31's ``CLIPImageProcessor`` (PIL): optional ``expand2square``
+    with the mean colour (stage 2, ``image_aspect_ratio="pad"``), bicubic resize of the
+    shortest edge to ``size`` (``int(size * long / short)`` for the other), centre crop
+    ``size x size``, rescale by 1/255 (float64, then float32) and normalise. Transformers 5's
+    ``LlavaImageProcessorPil`` runs those same steps with PIL and NumPy; its torchvision
+    backend (the default of ``AutoProcessor``) resizes differently (measured in
+    docs/converting.md).
+
+    Args:
+        size: the square side ``R`` the encoder reads (e.g. 1024).
+        mean: per-channel mean in [0, 1] (CLIP's by default); the pad colour is ``int(m * 255)``.
+        std: per-channel std.
+        pad: pad to a square with the mean colour first (the release's stage 2 and inference).
+
+    Example:
+        >>> proc = release_image_processor(32)
+        >>> proc(Image.new("RGB", (40, 20)), return_tensors="pt")["pixel_values"].shape
+        torch.Size([1, 3, 32, 32])
+    """
+    return LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_pad=pad,
+                                  image_mean=list(mean), image_std=list(std), resample=PILImageResampling.BICUBIC)
+
+
 def reference_pixel_values(
     images: Sequence[object],
     size: int,
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> torch.Tensor:
-    """LLaVA-HR's preprocessing without a processor: pad to square (mean colour), resize, normalise.
+    """LLaVA-HR's preprocessing, as the release computed it: validate, pad to a square with the
+    mean colour, PIL bicubic resize, normalise (:func:`release_image_processor`).
 
     Args:
         images: PIL images (any size, any :data:`CONVERTIBLE_MODES` mode).
@@ -118,7 +154,11 @@ def reference_pixel_values(
         std: per-channel std.
 
     Returns:
-        pixel_values (Tensor[B, 3, size, size]) in float32.
+        pixel_values (Tensor[B, 3, size, size]) in float32; equal to a PIL + NumPy re-derivation
+        of the release's steps to float32 rounding (tests/test_convert_preprocess.py).
+
+    Raises:
+        ImageInputError: an empty list, or an image :func:`check_image` refuses.
 
     Example:
         >>> reference_pixel_values([Image.new("RGB", (40, 20)), Image.new("L", (9, 30))], 32).shape
@@ -126,11 +166,5 @@ def reference_pixel_values(
     """
     if not images:
         raise ImageInputError("images is empty; pass at least one image")
-    tensors = []
-    for i, image in enumerate(images):
-        square = pad_to_square(check_image(image, i), mean)
-        x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        tensors.append(x)
-    x = torch.cat(tensors)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    rgb = [check_image(image, i) for i, image in enumerate(images)]
+    return release_image_processor(size, mean, std)(rgb, return_tensors="pt")["pixel_values"]

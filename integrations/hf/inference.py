@@ -10,12 +10,15 @@ new tokens line up; only the new tokens are decoded.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from mixres.errors import MixresError
 
 from .errors import ImageInputError, ModelPathError, PromptError
 from .families import find_family
@@ -73,11 +76,18 @@ def generate(
         The decoded new tokens of each prompt, special tokens skipped.
 
     Raises:
-        ImageInputError: no images, or an image that is too small / of an unsupported mode.
+        ImageInputError: no images (or not a list), or an image that is too small / of an
+            unsupported mode.
         PromptError: the ``<image>`` tokens do not match the images.
+        MixresError: ``max_new_tokens`` is not an int > 0.
     """
+    if not isinstance(images, (list, tuple)):
+        raise ImageInputError(f"images has to be a list of PIL images, but got {type(images).__name__}; "
+                              "wrap a single image as [image]")
     if not images:
         raise ImageInputError("images is empty; pass at least one PIL image")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise MixresError(f"max_new_tokens has to be an int > 0, but got {max_new_tokens!r}")
     check_prompts(prompts, len(images), processor.image_token)
     family = find_family(model)
     checked = [check_image(image, i) for i, image in enumerate(images)]
@@ -99,6 +109,18 @@ def generate(
     return [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
 
 
+def _model_class(directory: Path) -> type:
+    """transformers' Auto class, or ours for a Llava whose tower names a mixres projector."""
+    from transformers import AutoConfig
+
+    from .projector import MixresLlavaForConditionalGeneration, llava_class_for
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if config.model_type == "llava" and llava_class_for(config) is MixresLlavaForConditionalGeneration:
+        return MixresLlavaForConditionalGeneration
+    return AutoModelForImageTextToText
+
+
 _pad_to_square = pad_to_square  # the argument of generate shadows the function
 
 
@@ -112,7 +134,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
         device: where to put the model.
 
     Raises:
-        ModelPathError: the directory does not exist or holds no ``config.json``.
+        ModelPathError: the directory does not exist, holds no valid ``config.json``, or
+            transformers cannot load a model and processor from it.
     """
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -120,18 +143,21 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
             f"model directory {str(path)!r} does not exist; pass a local directory written by save_pretrained "
             "(mixres never downloads: fetch hub models yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`)"
         )
-    if not (directory / "config.json").is_file():
+    config_file = directory / "config.json"
+    if not config_file.is_file():
         raise ModelPathError(f"{str(path)!r} holds no config.json; is it a save_pretrained directory?")
-    from transformers import AutoConfig
-
-    from .projector import MixresLlavaForConditionalGeneration, llava_class_for
-
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    cls = llava_class_for(config) if config.model_type == "llava" else AutoModelForImageTextToText
-    if cls is not MixresLlavaForConditionalGeneration:
-        cls = AutoModelForImageTextToText
-    model = cls.from_pretrained(directory, local_files_only=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    try:
+        json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelPathError(f"{str(config_file)!r} is not valid JSON ({err})") from None
+    try:
+        model = _model_class(directory).from_pretrained(directory, local_files_only=True, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:  # transformers' errors for a directory it cannot load
+        if isinstance(err, MixresError):
+            raise
+        raise ModelPathError(f"{str(path)!r} could not be loaded as a model + processor "
+                             f"({type(err).__name__}: {' '.join(str(err).split())})") from None
     if device is not None:
         model = model.to(device)
     return model.eval(), processor

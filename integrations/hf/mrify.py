@@ -26,7 +26,7 @@ from transformers import CLIPVisionModel, SiglipVisionModel
 
 import mixres
 from mixres.encoders.dual import DualPathwayEncoder, llava_hr_injections
-from mixres.pathways._weights import load_into
+from mixres.pathways import load_into
 
 from .errors import UnsupportedModelError
 from .families import Family, find_family, vit_config_kwargs

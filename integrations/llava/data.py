@@ -37,8 +37,9 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from mixres._utils import check_choice, check_positive_int, lazy_import
 from mixres.errors import MixresError
+from mixres.images import expand2square
+from mixres.utils import check_choice, check_positive_int, lazy_import
 
 from .templates import Rendered, Template, TemplateError, get_template
 
@@ -49,6 +50,9 @@ __all__ = [
     "CLIP_STD",
     "IGNORE_INDEX",
     "LlavaDataError",
+    "RGB_MODES",
+    "SIXTEEN_BIT_MODES",
+    "to_rgb",
     "expand2square",
     "ImagePreprocessor",
     "tokenize_conversation",
@@ -82,28 +86,44 @@ class _UnreadableImage(Exception):
 # images
 
 
-def expand2square(image: Any, background: tuple[int, int, int]) -> Any:
-    """Pad a PIL image to a square, centred, with a ``background`` colour (LLaVA's function).
+# modes PIL converts to 8-bit RGB without losing the scale; 16-bit grey (``I;16*``, what PIL
+# opens a 16-bit grey PNG as) is scaled by hand; 32-bit ``I`` / float ``F`` have no agreed range
+RGB_MODES: tuple[str, ...] = ("RGB", "RGBA", "RGBX", "LA", "PA", "L", "1", "P", "CMYK", "YCbCr", "La", "RGBa")
+SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N")
 
-    Args:
-        image: a PIL image of size ``(w, h)``.
-        background: the fill colour, e.g. ``tuple(int(x * 255) for x in CLIP_MEAN)``.
 
-    Returns:
-        The image itself if square, else a new ``max(w, h)``-square image.
+def to_rgb(image: Any) -> Any:
+    """Convert a PIL image to 8-bit RGB without changing what it shows, or refuse it.
+
+    PIL's ``convert("RGB")`` clips a 16-bit grey image (mode ``I;16``) at 255, which turns a
+    normal 16-bit PNG pure white; here 16-bit grey keeps its top 8 bits (``v >> 8``, so 65535
+    -> 255 and 32768 -> 128). 32-bit integer (``I``) and float (``F``) images, and any mode not
+    in :data:`RGB_MODES`, are refused: their scale is not known.
+
+    Raises:
+        TypeError: not a PIL image.
+        MixresError: a mode with no agreed conversion; the message says how to convert.
 
     Example:
-        >>> sq = expand2square(Image.new("RGB", (30, 10), (255, 0, 0)), (122, 116, 104))
-        >>> sq.size, sq.getpixel((0, 0)), sq.getpixel((15, 15))
-        ((30, 30), (122, 116, 104), (255, 0, 0))
+        >>> grey16 = Image.new("I;16", (2, 2), 0xFFFF)  # what a white 16-bit grey PNG opens as
+        >>> to_rgb(grey16).getpixel((0, 0))
+        (255, 255, 255)
     """
-    w, h = image.size
-    if w == h:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image has to be a PIL.Image, but got {type(image).__name__}")
+    if image.mode == "RGB":
         return image
-    side = max(w, h)
-    result = Image.new(image.mode, (side, side), background)
-    result.paste(image, ((side - w) // 2, (side - h) // 2))
-    return result
+    if image.mode in RGB_MODES:
+        return image.convert("RGB")
+    if image.mode in SIXTEEN_BIT_MODES:
+        import numpy as np
+
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)  # astype: I;16B is big-endian
+        return Image.fromarray(grey).convert("RGB")
+    raise MixresError(
+        f"image mode {image.mode!r} has no agreed conversion to 8-bit RGB (its value range is unknown); "
+        f"convert the file to 8-bit first; accepted modes: {list(RGB_MODES + SIXTEEN_BIT_MODES)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -152,8 +172,8 @@ class ImagePreprocessor:
         return tuple(int(x * 255) for x in self.mean)  # type: ignore[return-value]
 
     def __call__(self, image: Any) -> torch.Tensor:
-        """Preprocess one PIL image (any mode; converted to RGB) to ``Tensor[3, size, size]``."""
-        image = image.convert("RGB")
+        """Preprocess one PIL image to ``Tensor[3, size, size]`` (converted by :func:`to_rgb`)."""
+        image = to_rgb(image)
         if self.aspect_ratio == "pad":
             image = expand2square(image, self.background).resize((self.size, self.size), Image.BICUBIC)
         else:
@@ -254,9 +274,13 @@ class LlavaDataset(Dataset):
         on_error: ``"raise"`` on a bad sample, or ``"skip"``: log it, count it in
             :attr:`skipped` (ids in :attr:`skipped_ids`) and leave it out.
         image_token: the placeholder in the text.
+        allow_outside_image_folder: accept ``"image"`` paths that leave ``image_folder``
+            (absolute paths, ``../``). Off by default: a dataset file is untrusted input, and
+            its paths are checked lexically (symlinks you placed inside the folder are followed).
 
     Raises:
-        LlavaDataError: a bad sample (with ``on_error="raise"``); the message names its id.
+        LlavaDataError: a bad sample (with ``on_error="raise"``); the message names its id and
+            the file. Also a data file that is not valid JSON / UTF-8 or holds no list.
         UnknownNameError: unknown template name.
         MixresError: a bad argument, or a tokenizer without the image token.
         TypeError: a tokenizer that cannot return offsets (not a fast tokenizer).
@@ -274,6 +298,7 @@ class LlavaDataset(Dataset):
         max_length: int = 2048,
         on_error: OnError = "raise",
         image_token: str = "<image>",
+        allow_outside_image_folder: bool = False,
     ) -> None:
         check_positive_int("num_image_tokens", num_image_tokens)
         check_positive_int("max_length", max_length)
@@ -287,7 +312,9 @@ class LlavaDataset(Dataset):
         self.image_token_id = _image_token_id(tokenizer, image_token)
         self.image_processor = image_processor or ImagePreprocessor()
         records, source = _load_records(data)
+        self.source = Path(data) if isinstance(data, (str, os.PathLike)) else None
         self.image_folder = Path(image_folder) if image_folder is not None else source
+        self.allow_outside_image_folder = bool(allow_outside_image_folder)
         self.skipped = 0
         self.skipped_ids: list[str] = []
         self._records: list[dict[str, Any]] = []
@@ -300,7 +327,8 @@ class LlavaDataset(Dataset):
 
     def _fail(self, sample_id: str, message: str) -> None:
         if self.on_error == "raise":
-            raise LlavaDataError(f"sample {sample_id!r}: {message}")
+            where = f" (in {str(self.source)!r})" if self.source is not None else ""
+            raise LlavaDataError(f"sample {sample_id!r}: {message}{where}")
         logger.warning("skipping sample %r: %s", sample_id, message)
         self.skipped += 1
         self.skipped_ids.append(sample_id)
@@ -342,9 +370,29 @@ class LlavaDataset(Dataset):
             if placeholders != 1:
                 raise LlavaDataError(f"a sample with an image needs exactly one {self.image_token!r} placeholder in "
                                      f"its text, but has {placeholders}")
-            if not (self.image_folder / image).is_file():
-                raise LlavaDataError(f"image file {str(self.image_folder / image)!r} not found")
+            if not self.image_path(image).is_file():
+                raise LlavaDataError(f"image file {str(self.image_path(image))!r} not found")
         return dict(record, conversations=_image_first(list(turns), self.image_token))
+
+    def image_path(self, image: str) -> Path:
+        """Where the record's ``"image"`` path points, checked to stay inside :attr:`image_folder`.
+
+        Raises:
+            LlavaDataError: an empty path, a NUL byte, or (unless ``allow_outside_image_folder``)
+                a path that leaves the folder (absolute, or ``..`` above it).
+        """
+        if not image or "\0" in image:
+            raise LlavaDataError(f"'image' has to be a non-empty file path without NUL bytes, but got {image!r}")
+        path = self.image_folder / image
+        if not self.allow_outside_image_folder:
+            folder = os.path.normpath(os.path.abspath(self.image_folder))
+            target = os.path.normpath(os.path.abspath(path))
+            if os.path.commonpath([folder, target]) != folder:
+                raise LlavaDataError(
+                    f"image path {image!r} leaves image_folder {str(self.image_folder)!r} (it points to {target!r}); "
+                    "keep dataset images inside the folder, or pass allow_outside_image_folder=True if you trust the file"
+                )
+        return path
 
     def _render(self, record: Mapping[str, Any]) -> Rendered:
         try:
@@ -399,14 +447,17 @@ class LlavaDataset(Dataset):
         item: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                                 "has_image": record.get("image") is not None, "id": self._id(i)}
         if item["has_image"]:
-            item["pixel_values"] = self._load_image(self.image_folder / record["image"])
+            item["pixel_values"] = self._load_image(self.image_path(record["image"]))
         return item
 
     def _load_image(self, path: Path) -> torch.Tensor:
+        # a bad file is a bad sample: decode errors, PIL's decompression-bomb guard (not an
+        # OSError) and a mode with no agreed RGB conversion all become _UnreadableImage
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:
+                image.load()  # decode now, while the file is open (to_rgb may return it as is)
+                image = to_rgb(image)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise _UnreadableImage(f"image file {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
         return self.image_processor(image)
 
@@ -421,12 +472,17 @@ def _load_records(data: Any) -> tuple[list[Any], Path]:
         path = Path(data)
         if not path.is_file():
             raise MixresError(f"data has to be a LLaVA JSON file or a list of samples, but {str(path)!r} is no file")
-        records = json.loads(path.read_text())
-        source = path.parent
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise LlavaDataError(f"{str(path)!r} is not UTF-8 text ({err})") from None
+        except json.JSONDecodeError as err:
+            raise LlavaDataError(f"{str(path)!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        source, where = path.parent, f"{str(path)!r}"
     else:
-        records, source = data, Path.cwd()
+        records, source, where = data, Path.cwd(), "data"
     if not isinstance(records, list):
-        raise MixresError(f"data has to hold a list of samples, but got {type(records).__name__}")
+        raise LlavaDataError(f"{where} has to hold a list of samples, but holds a {type(records).__name__}")
     return records, source
 
 
@@ -502,6 +558,7 @@ class LlavaCollator:
 
     def _pixels(self, features: Sequence[Mapping[str, Any]], flags: list[bool]) -> torch.Tensor | None:
         images = [f["pixel_values"] for f, has in zip(features, flags) if has]
+        _check_same_image_shape(features, flags, self.image_size if self.text_only_images == "zeros" else None)
         if self.text_only_images == "drop":
             return torch.stack(images) if images else None
         if not images and self.image_size is None:
@@ -509,6 +566,26 @@ class LlavaCollator:
         shape = images[0].shape if images else (3, self.image_size, self.image_size)
         zeros = torch.zeros(shape, dtype=images[0].dtype if images else torch.float32)
         return torch.stack([f["pixel_values"] if has else zeros for f, has in zip(features, flags)])
+
+
+def _check_same_image_shape(features: Sequence[Mapping[str, Any]], flags: list[bool], size: int | None) -> None:
+    """One batch, one image shape (and ``[3, size, size]`` when a size is known): else a clear error."""
+    shapes = {}
+    for k, (f, has) in enumerate(zip(features, flags)):
+        if has:
+            pixels = f["pixel_values"]
+            if not isinstance(pixels, torch.Tensor) or pixels.ndim != 3:
+                raise MixresError(f"pixel_values of sample {f.get('id', f'#{k}')!r} has to be a Tensor[3, S, S], "
+                                  f"but got {getattr(pixels, 'shape', type(pixels).__name__)}")
+            shapes.setdefault(tuple(pixels.shape), []).append(str(f.get("id", f"#{k}")))
+    expected = {(3, size, size)} if size is not None and shapes else set()
+    if len(shapes) > 1 or (expected and set(shapes) != expected):
+        listed = "; ".join(f"{list(shape)}: {ids[:3]}" for shape, ids in shapes.items())
+        want = f" (expected [3, {size}, {size}])" if size is not None else ""
+        raise MixresError(
+            f"cannot stack images of different sizes in one batch{want}: {listed}; give every sample the same "
+            "image processor (one size), or batch by size"
+        )
 
 
 def _pad(rows: Sequence[Any], length: int, value: int) -> torch.Tensor:

@@ -76,6 +76,10 @@ class RecipeArguments:
             ``gradient_accumulation_steps`` from the batch per device and the world size.
         synthetic_samples: training samples of the synthetic data.
         synthetic_image_size: side in pixels of the synthetic images.
+        overwrite_output_dir: start a new run in an ``output_dir`` that already holds
+            ``checkpoint-*`` directories (refused otherwise; theirs are never rotated away).
+        allow_partial_resume: resume from a checkpoint without optimizer / scheduler / RNG
+            state (they start fresh, with a warning) instead of refusing it.
     """
 
     stage: int = 2
@@ -104,6 +108,8 @@ class RecipeArguments:
     global_batch_size: int | None = None
     synthetic_samples: int = 256
     synthetic_image_size: int = 256
+    overwrite_output_dir: bool = False
+    allow_partial_resume: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_overrides, Mapping):
@@ -179,7 +185,8 @@ def load_recipe(recipe: str | os.PathLike[str]) -> dict[str, Any]:
     A relative ``deepspeed`` path is resolved against the recipe file's folder.
 
     Raises:
-        RecipeError: no such file or name (the shipped names are listed), or not a mapping.
+        RecipeError: no such file or name (the shipped names are listed), not valid JSON /
+            YAML (the file, line and column are named), or not a mapping.
 
     Example:
         >>> load_recipe("llava-hr-7b-stage1")["learning_rate"]
@@ -193,11 +200,17 @@ def load_recipe(recipe: str | os.PathLike[str]) -> dict[str, Any]:
         path = matches[0]
     text = path.read_text()
     if path.suffix == ".json":
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"recipe {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     else:
         import yaml
 
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(values, Mapping):
         raise RecipeError(f"recipe {str(path)!r} has to hold a mapping of argument names to values")
     values = dict(values)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixres._utils import check_positive_int, lazy_import
 from mixres.errors import MixresError
+from mixres.utils import check_positive_int, lazy_import
 
 Image = lazy_import("PIL.Image")
 ImageDraw = lazy_import("PIL.ImageDraw")

@@ -58,6 +58,7 @@ def build_tokenizer(texts: Sequence[str]) -> transformers.PreTrainedTokenizerFas
 
 
 def data_texts(*paths: Any) -> list[str]:
+    """Every conversation turn's text in the LLaVA JSON files ``paths`` (missing or ``None`` ones skipped)."""
     texts = []
     for path in paths:
         if path is not None and Path(path).is_file():

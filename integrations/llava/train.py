@@ -79,6 +79,7 @@ __all__ = [
     "predict",
     "evaluate",
     "main",
+    "cli",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,8 @@ def train(recipe: RecipeArguments, training: TrainingArguments,
     dataset = _dataset(recipe, tokenizer, model, recipe.data_path)
     _log_plan(recipe, model, trained, absent, dataset)
     trainer = LlavaTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-                           data_collator=LlavaCollator.from_dataset(dataset), callbacks=list(callbacks))
+                           data_collator=LlavaCollator.from_dataset(dataset), callbacks=list(callbacks),
+                           overwrite_output_dir=recipe.overwrite_output_dir, allow_partial_resume=recipe.allow_partial_resume)
     distributed.configure(trainer, model)  # FSDP: the recipe's wrap policy unless the user named one
     trainer.train(resume_from_checkpoint=_resume(training.resume_from_checkpoint))
     final = _final_model(trainer, recipe, training)
@@ -221,5 +223,28 @@ def main(argv: Sequence[str] | None = None) -> LlavaTrainer:
     return train(recipe, training)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """:func:`main` as a console command: a user error is one line on stderr and status 2.
+
+    A bare ``--debug`` (transformers' ``--debug`` always takes a value) shows the traceback.
+    """
+    import sys
+
+    from mixres.errors import MixresError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bare = [i for i, a in enumerate(argv) if a == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))]
+    for i in reversed(bare):
+        del argv[i]
+    try:
+        main(argv)
+    except (MixresError, OSError, ImportError) as err:
+        if bare:
+            raise
+        print(f"train: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

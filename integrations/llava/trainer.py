@@ -1,4 +1,9 @@
-"""``LlavaTrainer``: transformers' ``Trainer`` with the two things a LLaVA recipe needs."""
+"""``LlavaTrainer``: transformers' ``Trainer`` with what a LLaVA recipe needs.
+
+Checkpoints are sealed and checked (:mod:`.checkpoints`): resume skips a torn last checkpoint,
+refuses missing optimizer / scheduler / RNG state and another run's ``output_dir``; rotation
+deletes only this run's checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,20 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .checkpoints import SafeCheckpointsMixin
 from .recipe import RecipeError
 
 __all__ = ["LlavaTrainer"]
 
 
-class LlavaTrainer(Trainer):
+class LlavaTrainer(SafeCheckpointsMixin, Trainer):
     """``Trainer`` whose image-free batches still run the vision tower (weight 0 in the loss).
 
     Without it, a step where one process sees no image leaves the tower's parameters without a
     gradient there but not elsewhere: DDP waits for them and ZeRO-3 gathers them out of step.
+
+    Keyword arguments besides ``Trainer``'s: ``overwrite_output_dir`` and
+    ``allow_partial_resume`` (:class:`~.checkpoints.SafeCheckpointsMixin`).
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:

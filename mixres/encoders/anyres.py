@@ -6,7 +6,9 @@ Source: LLaVA-NeXT (Liu et al., blog, January 2024); ``process_anyres_image`` in
 differences from the release are in :mod:`mixres.anyres`.
 
 Preset: ``llava-next-anyres-672``, LLaVA-NeXT's vision side (CLIP ViT-L/14-336 through ``hf_clip``,
-``select_layer=-2``, tiles of 336 on :data:`mixres.anyres.LLAVA_NEXT_PINPOINTS`); pass
+``select_layer=-2``, tiles of 336 on :data:`mixres.anyres.HF_PINPOINTS`, transformers' reading and
+rounding); the original release's order and rounding with the overrides
+``pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS], convention="llava_next"``; pass
 ``encoder=`` to swap the inner encoder (its ``weights`` to load weights).
 
 Unlike other encoders, the input is a list of images of different sizes and the output a list
@@ -27,10 +29,12 @@ from torch import nn
 
 from .._utils import check_positive_int, to_2tuple
 from ..anyres import (
-    LLAVA_NEXT_PINPOINTS,
+    HF_PINPOINTS,
     AnyResLayout,
+    Convention,
     add_newline,
     anyres_layout,
+    check_convention,
     check_pinpoints,
     tile,
     unpad_tokens,
@@ -93,6 +97,8 @@ class AnyResEncoder(Encoder):
         newline: append the learned ``image_newline`` (width ``out_dim``) after each row of the tile
             map, as LLaVA-NeXT.
         unpad: drop the rows/columns of the tile map that only saw padding (``spatial_unpad``).
+        convention: ``"hf"`` (transformers' llava_next unpad rounding, what an HF LLaVA-NeXT
+            processor counts) or ``"llava_next"`` (the original release's); see :mod:`mixres.anyres`.
         device: where to create ``image_newline``.
         dtype: the dtype of ``image_newline``.
 
@@ -119,6 +125,7 @@ class AnyResEncoder(Encoder):
         tile_size: int | None = None,
         newline: bool = True,
         unpad: bool = True,
+        convention: Convention = "hf",
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -132,6 +139,7 @@ class AnyResEncoder(Encoder):
             tile_size = to_2tuple("image_size", size)[0]
         check_positive_int("tile_size", tile_size)
         self.tile_size, self.newline, self.unpad = tile_size, bool(newline), bool(unpad)
+        self.convention = check_convention(convention)
         self.pinpoints = check_pinpoints(pinpoints, tile_size)
         self.tile_grid = self.encoder.grid_for(tile_size)
         self.image_size = max(self.pinpoints, key=lambda size: size[0] * size[1])
@@ -144,7 +152,7 @@ class AnyResEncoder(Encoder):
         """Chosen resolution, tile grid, unpadded grid and token count for an original ``(H, W)``
         (default :attr:`image_size`)."""
         size = to_2tuple("image_size", self.image_size if image_size is None else image_size)
-        return anyres_layout(size, self.pinpoints, self.tile_size, self.tile_grid, self.newline, self.unpad)
+        return anyres_layout(size, self.pinpoints, self.tile_size, self.tile_grid, self.newline, self.unpad, self.convention)
 
     def num_tokens(self, image_size: int | Sequence[int] | None = None) -> int:
         """Exact length of the output for an original image of ``image_size`` (default
@@ -177,7 +185,7 @@ class AnyResEncoder(Encoder):
         """One image's crop tokens ``Tensor[1 + nh*nw, g_h*g_w, C]`` -> ``Tensor[N, C]``."""
         fmap = untile(tokens_to_map(tokens[1:], grid), layout.tile_grid)
         if self.unpad:
-            fmap = unpad_tokens(fmap, image_size)
+            fmap = unpad_tokens(fmap, image_size, self.convention)
         rows = add_newline(fmap, self.image_newline) if self.image_newline is not None else map_to_tokens(fmap)[0]
         return torch.cat([tokens[0], rows[0]])
 
@@ -194,19 +202,17 @@ class AnyResEncoder(Encoder):
     def extra_repr(self) -> str:
         return (
             f"pinpoints={self.pinpoints}, tile_size={self.tile_size}, newline={self.newline}, "
-            f"unpad={self.unpad}, out_dim={self.out_dim}"
+            f"unpad={self.unpad}, convention={self.convention!r}, out_dim={self.out_dim}"
         )
 
 
 register_encoder("anyres")(AnyResEncoder)
 # LLaVA-NeXT (v1.6): CLIP ViT-L/14-336, penultimate layer, CLS dropped after it ("patch"),
-# tiles of 336 on the release's five pinpoints (up to 672x672, 1008x336, 336x1008)
-register_encoder_preset(
-    "llava-next-anyres-672",
-    {
-        "name": "anyres",
-        "encoder": {"kind": "pathway", "name": "hf_clip", "config": dict(CLIP_VIT_L_14_336), "select_layer": -2},
-        "pinpoints": [list(p) for p in LLAVA_NEXT_PINPOINTS],
-        "tile_size": 336,
-    },
-)
+# tiles of 336 on five pinpoints (up to 672x672, 1008x336, 336x1008), as transformers' llava_next
+# reads and rounds them; the original release's: pinpoints=LLAVA_NEXT_PINPOINTS, convention="llava_next"
+_LLAVA_NEXT = {
+    "name": "anyres",
+    "encoder": {"kind": "pathway", "name": "hf_clip", "config": dict(CLIP_VIT_L_14_336), "select_layer": -2},
+    "tile_size": 336,
+}
+register_encoder_preset("llava-next-anyres-672", {**_LLAVA_NEXT, "pinpoints": [list(p) for p in HF_PINPOINTS], "convention": "hf"})

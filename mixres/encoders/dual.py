@@ -116,6 +116,8 @@ class DualPathwayEncoder(Encoder):
         native = self.token_pathway.image_size
         self.image_size = to_2tuple("image_size", native if image_size is None else (image_size if isinstance(image_size, int) else tuple(image_size)))
         self.out_dim = self.final_fusion.out_dim if self.final_fusion is not None else self.token_pathway.dim
+        if image_size is not None:  # a size asked for must be one forward takes (num_tokens / describe)
+            self.check_image_size(self.image_size)  # (a defaulted native ViT size is checked when used)
         self._check_grids()
         self.set_freeze(freeze)
         self.set_grad_checkpointing(grad_checkpointing)
@@ -214,8 +216,27 @@ class DualPathwayEncoder(Encoder):
 
         The ViT's patch grid at the size the policy gives, or the final fusion's output grid.
         """
+        self.check_image_size(image_size)
         grid = self.token_pathway.grid_for(self.vit_size(image_size))
         return tuple(self.final_fusion.output_grid(grid)) if self.final_fusion is not None else grid
+
+    def check_image_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
+        """Refuse an input size that :meth:`forward` would refuse; return it as ``(H, W)``.
+
+        The map pathway's final stride has to divide ``H`` and ``W``, so the high-res map
+        aligns with the token grid (:meth:`forward` checks the same rule on the images).
+
+        Raises:
+            ShapeError: a side that is not a multiple of the final stride.
+        """
+        h, w = to_2tuple("image_size", image_size if isinstance(image_size, int) else tuple(image_size))
+        stride = max(self.map_pathway.strides)
+        if h % stride or w % stride:
+            raise ShapeError(
+                f"image size {(h, w)} cannot be aligned: the map pathway's final stride is {stride}, "
+                f"so H and W have to be multiples of {stride} (e.g. {(max(1, h // stride) * stride, max(1, w // stride) * stride)})"
+            )
+        return h, w
 
     # -- forward ------------------------------------------------------------------------
     def run_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -252,13 +273,10 @@ class DualPathwayEncoder(Encoder):
         return tokens, grid
 
     def _check_images(self, images: torch.Tensor) -> None:
-        stride = max(self.map_pathway.strides)
-        h, w = check_images(images)
-        if h % stride or w % stride:
-            raise ShapeError(
-                f"images size {(h, w)} cannot be aligned: the map pathway's final stride is {stride}, "
-                f"so H and W have to be multiples of {stride} (e.g. {(max(1, h // stride) * stride, max(1, w // stride) * stride)})"
-            )
+        try:
+            self.check_image_size(check_images(images))
+        except ShapeError as err:
+            raise ShapeError(f"images: {err}") from None
 
     def extra_repr(self) -> str:
         inj = ", ".join(f"{k}<-stage{s}" for k, s in self.injection_points)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._utils import check_positive_int
-from ..errors import ShapeError
+from .._utils import check_like_parameters, check_positive_int
+from ..errors import DeviceError, ShapeError
 from ..grid import check_map, check_tokens
 from ..registry import Configurable
 
@@ -86,7 +86,9 @@ class Fusion(Configurable, nn.Module):
         """Validate the fusion inputs before any math runs; return the grid ``(h, w)``.
 
         Raises:
-            TypeError / ShapeError: wrong types, ranks, widths, batch sizes or dtypes.
+            TypeError / ShapeError: wrong types, ranks, widths, batch sizes, zero-size axes, or
+                dtypes (of each other, or of the parameters outside ``torch.autocast``).
+            DeviceError: the inputs sit on different devices, or not on the parameters' one.
         """
         h, w = check_tokens(tokens, grid)
         check_map(map)
@@ -113,6 +115,9 @@ class Fusion(Configurable, nn.Module):
             raise ShapeError(
                 f"tokens are {tokens.dtype} but map is {map.dtype}; cast both to one dtype"
             )
+        if tokens.device != map.device:
+            raise DeviceError(f"tokens are on {tokens.device} but map is on {map.device}; move both to one device")
+        check_like_parameters(self, tokens=tokens, map=map)
         return h, w
 
     def extra_repr(self) -> str:

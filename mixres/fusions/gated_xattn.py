@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .._utils import check_positive_int
+from .._utils import check_finite_positive, check_positive_int
 from ..errors import MixresError, ShapeError
 from ..grid import map_to_tokens
 from ..registry import register_fusion, register_fusion_preset
@@ -121,7 +121,8 @@ class GatedCrossAttention(Fusion):
         check_positive_int("num_heads", num_heads)
         if self.attn_dim % num_heads:
             raise MixresError(f"num_heads has to divide attn_dim={self.attn_dim}, but got num_heads={num_heads}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or int(mlp_ratio * low_dim) < 1:
+        check_finite_positive("mlp_ratio", mlp_ratio)
+        if int(mlp_ratio * low_dim) < 1:
             raise MixresError(f"mlp_ratio has to be a number with mlp_ratio * low_dim >= 1, but got {mlp_ratio!r}")
         kw = dict(device=device, dtype=dtype)
         d = self.attn_dim

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import check_choice, check_positive_int
+from ..errors import MixresError
 from ..grid import map_to_tokens, resample, tokens_to_map
 from ..pathways._weights import gathered
 from ..registry import register_fusion, register_fusion_preset
@@ -167,12 +168,12 @@ class MRAdapter(Fusion):
         super().__init__(low_dim, high_dim)
         check_positive_int("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size has to be odd (to keep the grid), but got {kernel_size}")
+            raise MixresError(f"kernel_size has to be odd (to keep the grid), but got {kernel_size}")
         check_choice("gate", gate, GATE_KINDS)
         check_choice("gate_act", gate_act, GATE_ACTIVATIONS)
         check_choice("merge", merge, MERGES)
         if low_dim < 2:
-            raise ValueError(f"low_dim has to be >= 2 (the gate's hidden width is low_dim // 2), but got {low_dim}")
+            raise MixresError(f"low_dim has to be >= 2 (the gate's hidden width is low_dim // 2), but got {low_dim}")
         kw = dict(device=device, dtype=dtype)
         self.kernel_size, self.gate_kind, self.gate_act = kernel_size, gate, gate_act
         self.merge, self.zero_init, self.align_corners = merge, zero_init, align_corners

@@ -55,8 +55,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._utils import check_positive_int, to_2tuple
-from ..errors import MixresError, ShapeError
+from .._utils import check_like_parameters, check_positive_int, to_2tuple
+from ..errors import DeviceError, MixresError, ShapeError
 from ..grid import check_map, check_tokens, map_to_tokens, resample, tokens_to_map
 from ..registry import register_fusion, register_fusion_preset
 from .base import Fusion
@@ -93,7 +93,9 @@ def check_sources(
 
     Raises:
         TypeError: wrong types.
-        ShapeError: wrong ranks, number of sources, widths, batch sizes or dtypes.
+        ShapeError: wrong ranks, number of sources, widths, batch sizes, zero-size maps or
+            dtypes (of each other, or of the parameters outside ``torch.autocast``).
+        DeviceError: the inputs sit on different devices, or not on the parameters' one.
     """
     name, dims = type(fusion).__name__, fusion.high_dims
     maps = [map] if isinstance(map, torch.Tensor) else map
@@ -117,6 +119,9 @@ def check_sources(
             raise ShapeError(f"tokens have batch {tokens.shape[0]} but map[{i}] has batch {m.shape[0]}; they must describe the same images")
         if m.dtype != tokens.dtype:
             raise ShapeError(f"tokens are {tokens.dtype} but map[{i}] is {m.dtype}; cast all inputs to one dtype")
+        if m.device != tokens.device:
+            raise DeviceError(f"tokens are on {tokens.device} but map[{i}] is on {m.device}; move all inputs to one device")
+    check_like_parameters(fusion, tokens=tokens)
     return (h, w), list(maps)
 
 

@@ -18,20 +18,26 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._utils import to_2tuple
+from .._utils import check_like_parameters, to_2tuple
 from ..errors import ShapeError
 from ..registry import Configurable
 
 __all__ = ["TokenPathway", "MapPathway", "check_images"]
 
 
-def check_images(images: torch.Tensor, multiple_of: int = 1, name: str = "images") -> tuple[int, int]:
+def check_images(
+    images: torch.Tensor, multiple_of: int = 1, name: str = "images", module: nn.Module | None = None
+) -> tuple[int, int]:
     """Validate ``images (Tensor[B, 3, H, W])``; ``H`` and ``W`` multiples of ``multiple_of``.
+
+    Pathways cast float images to their weights' dtype themselves, so any float dtype is
+    accepted; the device has to be the module's (when ``module`` is given).
 
     Raises:
         TypeError: not a tensor.
-        ShapeError: not float, wrong rank or channel count, empty batch, or a side that is not
-            a multiple of ``multiple_of``.
+        ShapeError: not float, wrong rank or channel count, empty batch, a side of 0 or one
+            that is not a multiple of ``multiple_of``.
+        DeviceError: ``images`` are not on ``module``'s device.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} has to be a Tensor[B, 3, H, W], but got {type(images).__name__}")
@@ -44,11 +50,15 @@ def check_images(images: torch.Tensor, multiple_of: int = 1, name: str = "images
     if not images.is_floating_point():
         raise ShapeError(f"{name} have to be normalised floats, but got dtype {images.dtype}")
     h, w = int(images.shape[2]), int(images.shape[3])
+    if h < multiple_of or w < multiple_of:
+        raise ShapeError(f"{name} size {(h, w)} is smaller than one patch / stride of {multiple_of} px")
     if h % multiple_of or w % multiple_of:
         raise ShapeError(
             f"{name} size {(h, w)} is not a multiple of the patch size {multiple_of}; "
             f"resize to e.g. {(max(1, h // multiple_of) * multiple_of, max(1, w // multiple_of) * multiple_of)}"
         )
+    if module is not None:
+        check_like_parameters(module, check_dtype=False, **{name: images})
     return h, w
 
 

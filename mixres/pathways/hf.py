@@ -203,7 +203,7 @@ class HFVisionPathway(_StackedViT):
         Raises:
             ShapeError: not ``Tensor[B, 3, H, W]`` of floats, or a side not a multiple of the patch.
         """
-        check_images(images, self.patch_size)
+        check_images(images, self.patch_size, module=self)
         emb = self.model.embeddings
         x = emb.patch_embedding(images.to(emb.patch_embedding.weight.dtype))
         grid = (int(x.shape[-2]), int(x.shape[-1]))

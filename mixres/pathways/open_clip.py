@@ -187,7 +187,7 @@ class OpenCLIPViTPathway(_StackedViT):
         Raises:
             ShapeError: not ``Tensor[B, 3, H, W]`` of floats, or a side not a multiple of the patch.
         """
-        check_images(images, self.patch_size)
+        check_images(images, self.patch_size, module=self)
         v = self.visual
         x = v.conv1(images.to(v.conv1.weight.dtype))
         grid = (int(x.shape[-2]), int(x.shape[-1]))

@@ -60,7 +60,7 @@ class PatchifyPathway(TokenPathway):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patchify: ``(x (Tensor[B, h*w, dim]), (h, w))``."""
-        check_images(images, self.patch_size)
+        check_images(images, self.patch_size, module=self)
         x = self.proj(images.to(self.proj.weight.dtype))
         return rearrange(x, "b c h w -> b (h w) c"), (int(x.shape[-2]), int(x.shape[-1]))
 

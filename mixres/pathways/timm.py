@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._utils import lazy_import
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, ShapeError, UnknownNameError
 from ..registry import register_pathway
 from ._vit import _StackedViT
 from ._weights import load_into, load_state_dict_file
@@ -143,6 +143,9 @@ def forward_maps(module: nn.Module, images: torch.Tensor, indices: Sequence[int]
     return list(module(images))
 
 
+_TOO_SMALL = "Kernel size can't be greater than actual input size"
+
+
 class _TimmMaps(MapPathway):
     """Shared by ``timm_map`` and ``open_clip_convnext``: ``self.model`` returns the maps."""
 
@@ -159,9 +162,23 @@ class _TimmMaps(MapPathway):
             ``[map (Tensor[B, dims[i], ~H / strides[i], ~W / strides[i]]) for each stage]``.
 
         Raises:
-            ShapeError: not ``Tensor[B, 3, H, W]`` of floats.
+            ShapeError: not ``Tensor[B, 3, H, W]`` of floats, or too small for the backbone's
+                convolutions (a stage's input below its kernel).
+            DeviceError: ``images`` are not on the backbone's device.
         """
-        return forward_maps(self.model, images, self.out_indices)
+        h, w = check_images(images, module=self)
+        try:
+            return forward_maps(self.model, images, self.out_indices)
+        except RuntimeError as err:
+            # backbones without padding (ConvNeXt's stem / downsample convs) cannot shrink a
+            # too-small input; the size that fits depends on the padding, so torch's own
+            # refusal is caught and reworded rather than guessed beforehand
+            if _TOO_SMALL not in str(err):
+                raise
+            raise ShapeError(
+                f"images size {(h, w)} is too small for this map pathway (strides {list(self.strides)}): "
+                f"a stage's input shrank below its kernel; use images of at least {max(self.strides)} px a side"
+            ) from None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute stage activations in the backward pass (timm's ``set_grad_checkpointing``)."""
@@ -308,7 +325,7 @@ class TimmViTPathway(_StackedViT):
         Raises:
             ShapeError: not ``Tensor[B, 3, H, W]`` of floats, or a side not a multiple of the patch.
         """
-        check_images(images, self.patch_size)
+        check_images(images, self.patch_size, module=self)
         m = self.model
         x = m.patch_embed(images.to(m.patch_embed.proj.weight.dtype))  # NHWC (dynamic_img_size)
         grid = (int(x.shape[1]), int(x.shape[2]))
