@@ -32,7 +32,7 @@ import torch._dynamo, timm, transformers.masking_utils, transformers.models.clip
 from transformers.integrations import HfDeepSpeedConfig
 import mixres
 from mixres.integrations.llava.distributed import save_partitioned
-from mixres.pathways._weights import gathered
+from mixres.pathways import gathered
 
 vit_dir, cnn_file, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 deepspeed.init_distributed(dist_backend="gloo")

@@ -14,7 +14,7 @@ Three things plain DDP does not need:
 - **Partitioned encoders** (:func:`save_partitioned`): under ``deepspeed.zero.Init`` a
   parameter holds only its shard (``param.data`` is ``torch.Size([0])``), which is how the
   release's ZeRO-3 fine-tuning failed to load ConvNeXt weights. mixres's weight loaders gather
-  partitioned parameters before loading (:func:`mixres.pathways._weights.gathered`); this
+  partitioned parameters before loading (:func:`mixres.pathways.gathered`); this
   module gathers them to save.
 """
 
@@ -219,7 +219,7 @@ def save_partitioned(dst: str | Path, encoder: torch.nn.Module) -> Path | None:
     import torch.distributed as dist
 
     from mixres.convert import save_converted
-    from mixres.pathways._weights import gathered
+    from mixres.pathways import gathered
 
     with gathered(encoder, modifier_rank=None):
         if dist.is_initialized() and dist.get_rank() != 0:
