@@ -1,32 +1,48 @@
-"""GPU benchmark (H100 / H200): encoder throughput, LLM prefill latency and generation speed.
+"""The device script (one H100 / H200, about 8 minutes): sharded training parity and 7B speed.
 
-``python -m benchmarks.gpu`` (one command, a few minutes; needs CUDA) measures, in bf16 with
-SDPA attention and random weights:
+``python -m benchmarks.gpu`` runs, with nothing downloaded:
 
-- encoder throughput (images/s at ``--batch``) and batch-1 latency of ``llava-hr-7b-1024``
-  (MRA) and of a single CLIP ViT-L/14 (LLaVA-1.5 style, penultimate layer) at 1022 and 672 px;
-- with a random-init ``LlamaForCausalLM`` of Llama-2-7B's shapes (:data:`benchmarks.flops.LLAMA2_7B`):
-  prefill latency of ``visual tokens + 64`` tokens (``use_cache=True``, LM head on the last
-  token), time to first token (encoder at batch 1 + prefill), generated tokens/s end to end
-  (``generate``, greedy, exactly ``--new-tokens`` tokens, prefill included) and decode tokens/s
-  (single-token steps on the KV cache after the prefill).
+1. **Training parity** (:func:`train_parity`): stage 2 of the tiny recipe (``tiny-stage2``,
+   synthetic data, bf16) for ``--train-steps`` steps as plain DDP, under FSDP2 (accelerate,
+   ``integrations/llava/fsdp.yaml``) and under DeepSpeed ZeRO-3 (``deepspeed/zero3.json``), each
+   at world size 1 (ZeRO-3 and FSDP still partition and gather through their own code), and
+   reports each engine's largest relative gap to DDP's loss curve. bf16 rounds at ~4e-3, so
+   gaps of that order are expected; the fp32 CPU parity is a test (``tests/test_distributed.py``).
+2. **Speed** (:func:`speed`), bf16, SDPA, random weights, a random-init ``LlamaForCausalLM`` of
+   Llama-2-7B's shapes: LLaVA-HR-1024 (``llava-hr-7b-1024``, 1024 visual tokens) against
+   LLaVA-1.5 (CLIP ViT-L/14, penultimate layer) at 336 / 672 / 1022 px and LLaVA-NeXT AnyRes-672
+   (``llava-next-anyres-672`` on a 672-px image): vision-encoder time, prefill time
+   (visual tokens + 64 text tokens), time to first token (their sum), generated tokens/s at
+   batch 1 and 8 (encoder + ``generate`` of ``--new-tokens`` greedy tokens, end to end; the
+   tokens/s the paper's speed column reports) and peak GPU memory, with ratios against
+   LLaVA-1.5-1022 and AnyRes-672 measured in the same run.
 
-Timings are medians over ``--repeats`` after ``--warmup`` runs, synchronised with
-``torch.cuda.synchronize``. ``--dry-run`` runs the same code on the CPU with tiny models
-(``llava-hr-tiny``, a 2-layer Llama) to check the script without a GPU; its numbers mean nothing
-and are printed, not saved.
-Nothing is downloaded. Writes ``benchmarks/results/gpu.{json,md}``.
+Timings are medians over ``--repeats`` after ``--warmup`` runs, ``torch.cuda.synchronize``-d.
+Writes ``benchmarks/results/gpu.{json,md}``. ``--dry-run`` runs the same code on the CPU with tiny
+models (the speed rows) and 2 CPU processes over gloo (DDP and FSDP; ZeRO-3 is recorded as
+skipped: DeepSpeed's Trainer path does not run on CPU, see docs/training.md); its numbers mean
+nothing and nothing is written. DeepSpeed JIT-builds its ops with the device's nvcc; on a machine
+without it, bring a wheel (``pip wheel --no-deps deepspeed``: pure Python).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "bench", "train_parity", "speed"]
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAVA = ROOT / "integrations" / "llava"
 
 
 def _sync(device: Any) -> None:
@@ -52,25 +68,77 @@ def bench(fn: Callable[[], Any], device: Any, warmup: int, repeats: int) -> floa
     return statistics.median(times)
 
 
-def _encoders(device: Any, dtype: Any, dry: bool) -> list[tuple[str, int, Any]]:
-    """``(name, input px, module)`` for MRA-1024 and the single ViT at 1022 and 672 px."""
+# --- 1. training parity ------------------------------------------------------------------------
+
+
+def _launchers(dry: bool) -> dict[str, list[str] | str]:
+    py = sys.executable
+    procs = "2" if dry else "1"
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", procs]
+    fsdp = [py, "-m", "accelerate.commands.launch", "--config_file", str(LLAVA / ("fsdp-cpu.yaml" if dry else "fsdp.yaml")),
+            "--num_processes", procs, *([] if dry else ["--mixed_precision", "bf16"])]
+    zero3 = "skipped on CPU: DeepSpeed's Trainer path does not run there (docs/training.md)" if dry else [*torchrun]
+    return {"ddp": torchrun, "fsdp": fsdp, "zero3": zero3}
+
+
+def train_parity(steps: int, dry: bool, workdir: Path) -> dict[str, Any]:
+    """Stage 2 of ``tiny-stage2`` under DDP, FSDP2 and ZeRO-3; loss curves and gaps to DDP."""
+    device = ["--use_cpu", "true"] if dry else ["--use_cpu", "false", "--bf16", "true"]
+    common = ["--recipe", "tiny-stage2", *device, "--max_steps", str(steps), "--per_device_train_batch_size", "8",
+              "--synthetic_samples", "64", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none",
+              "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "0"]
+    extra = {"ddp": ["--ddp_backend", "gloo"] if dry else [], "fsdp": [],
+             "zero3": ["--deepspeed", str(LLAVA / "deepspeed" / "zero3.json")]}
+    env = dict(os.environ, OMP_NUM_THREADS="1" if dry else os.environ.get("OMP_NUM_THREADS", "4"), TOKENIZERS_PARALLELISM="false")
+    runs: dict[str, Any] = {}
+    for engine, launcher in _launchers(dry).items():
+        if isinstance(launcher, str):
+            runs[engine] = {"skipped": launcher}
+            continue
+        out = workdir / engine
+        cmd = [*launcher, "-m", "benchmarks.gpu_worker", *common, "--output_dir", str(out), *extra[engine]]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            runs[engine] = {"failed": proc.stderr[-3000:]}
+        else:
+            runs[engine] = json.loads((out / "losses.json").read_text())
+        print(f"train {engine}: {runs[engine] if 'failed' not in runs[engine] else 'FAILED'}", flush=True)
+    base = runs["ddp"].get("losses")
+    for run in runs.values():
+        if base and run.get("losses") and len(run["losses"]) == len(base):
+            run["max_rel_gap_vs_ddp"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], base))
+    return runs
+
+
+# --- 2. speed ------------------------------------------------------------------------------------
+
+
+def _vision(device: Any, dtype: Any, dry: bool) -> list[tuple[str, int, Any]]:
+    """``(name, input px, encoder)``: LLaVA-HR-1024, LLaVA-1.5 at three sizes, AnyRes-672."""
     import torch
 
     import mixres
     from mixres.pathways.hf import CLIP_VIT_L_14_336
 
     if dry:
-        mra_name, vit_cfg, sizes = "llava-hr-tiny", None, (256, 128)
-        vit_cfg = dict(mixres.ENCODERS.resolve(mra_name)["token_pathway"]["config"])
+        hr, anyres, sizes, side, vit = "llava-hr-tiny", "anyres-tiny", (24, 48, 72), 48, None
+        vit = dict(mixres.ENCODERS.resolve(hr)["token_pathway"]["config"])
     else:
-        mra_name, vit_cfg, sizes = "llava-hr-7b-1024", dict(CLIP_VIT_L_14_336), (1022, 672)
-    vit_cfg["attn_implementation"] = "sdpa"
+        hr, anyres, sizes, side, vit = "llava-hr-7b-1024", "llava-next-anyres-672", (336, 672, 1022), 672, dict(CLIP_VIT_L_14_336)
+    vit["attn_implementation"] = "sdpa"
     with torch.device(device):
-        mra = mixres.create_encoder(mra_name)
-        vit = mixres.create_pathway("hf_clip", config=vit_cfg, select_layer=-2)
+        mra = mixres.create_encoder(hr)
+        clip = mixres.create_pathway("hf_clip", config=vit, select_layer=-2)
+        tiles = mixres.create_encoder(anyres)
     image = mra.image_size[0] if isinstance(mra.image_size, (tuple, list)) else mra.image_size
-    models = [(mra_name, int(image), mra)] + [(f"single ViT-L/14 @{s}", s, vit) for s in sizes]
-    return [(n, s, m.to(device=device, dtype=dtype).eval()) for n, s, m in models]
+    rows = [("LLaVA-HR-1024" if not dry else hr, int(image), mra)]
+    rows += [(f"LLaVA-1.5-{s}", s, clip) for s in sizes] + [(f"AnyRes-{side}", side, tiles)]
+    return [(n, s, m.to(device=device, dtype=dtype).eval()) for n, s, m in rows]
+
+
+def _num_tokens(out: Any) -> int:
+    tokens = out[0] if isinstance(out, tuple) else out
+    return int(tokens[0].shape[-2])  # a tensor [B, N, C] or AnyRes's list of [N, C]
 
 
 def _llm(device: Any, dtype: Any, dry: bool) -> Any:
@@ -79,146 +147,109 @@ def _llm(device: Any, dtype: Any, dry: bool) -> Any:
 
     from .flops import llama_config
 
-    shape = (
-        dict(hidden_size=64, num_layers=2, num_heads=4, num_key_value_heads=4, intermediate_size=172, vocab_size=100)
-        if dry
-        else {}
-    )
-    config = llama_config(**shape)
+    tiny = dict(hidden_size=64, num_layers=2, num_heads=4, num_key_value_heads=4, intermediate_size=172, vocab_size=100)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = LlamaForCausalLM._from_config(llama_config(**(tiny if dry else {})), dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
-def decode_rate(llm: Any, embeds: Any, steps: int, device: Any) -> float:
-    """Tokens/s of ``steps`` greedy single-token steps after a prefill of ``embeds`` (KV cache kept)."""
-    import inspect
-
+def speed(args: argparse.Namespace, device: Any, dtype: Any, dry: bool) -> list[dict[str, Any]]:
+    """Encoder, prefill, TTFT, tokens/s at batch 1 and 8, peak memory of each vision side."""
     import torch
 
-    key = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"  # transformers 5 / 4
-    with torch.inference_mode():
-        out = llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            cache = getattr(out, key)
-            out = llm(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{key: cache})
-        _sync(device)
-    return steps / (time.perf_counter() - start)
+    from .flops import TEXT_TOKENS
+
+    llm, cuda = _llm(device, dtype, dry), device.type == "cuda"
+    width, rows = llm.config.hidden_size, []
+    for name, size, encoder in _vision(device, dtype, dry):
+        row: dict[str, Any] = {"model": name, "image": size}
+        for batch in (1, 8):
+            images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+            with torch.inference_mode():
+                row["visual_tokens"] = n = _num_tokens(encoder(images[:1]))
+            embeds = torch.randn(batch, n + TEXT_TOKENS, width, device=device, dtype=dtype)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            enc = bench(lambda e=encoder, x=images: e(x), device, args.warmup, args.repeats)
+            gen = bench(lambda e=embeds: llm.generate(inputs_embeds=e, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                      do_sample=False, pad_token_id=0), device, 1, args.gen_repeats)
+            row[f"tokens_per_s_b{batch}"] = batch * args.new_tokens / (enc + gen)
+            row[f"peak_gib_b{batch}"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+            if batch == 1:
+                prefill = bench(lambda e=embeds: llm(inputs_embeds=e, use_cache=True, logits_to_keep=1), device, args.warmup, args.repeats)
+                row.update(encoder_ms=1e3 * enc, prefill_ms=1e3 * prefill, ttft_ms=1e3 * (enc + prefill))
+        rows.append(row)
+        print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})}", flush=True)
+        del encoder
+        if cuda:
+            torch.cuda.empty_cache()
+    ref = {r["model"]: r for r in rows}
+    for key, against in (("vs_1.5_1022", rows[3]["model"]), ("vs_anyres", rows[4]["model"])):
+        for r in rows:
+            r[f"ttft_{key}"] = r["ttft_ms"] / ref[against]["ttft_ms"]
+            r[f"tokens_per_s_b1_{key}"] = r["tokens_per_s_b1"] / ref[against]["tokens_per_s_b1"]
+    return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Encoder throughput, prefill latency and tokens/s of MRA-1024 vs a single ViT on one GPU."""
+def _markdown(rows: list[dict[str, Any]], runs: dict[str, Any], note: str, dry: bool) -> str:
+    from . import markdown_table
+
+    def fmt(r: dict[str, Any]) -> dict[str, str]:
+        mem = "n/a" if r["peak_gib_b8"] is None else f"{r['peak_gib_b8']:.1f}"
+        return {"model": r["model"], "image px": str(r["image"]), "visual tokens": str(r["visual_tokens"]),
+                "encoder ms": f"{r['encoder_ms']:.1f}", "prefill ms": f"{r['prefill_ms']:.1f}", "TTFT ms": f"{r['ttft_ms']:.1f}",
+                "TTFT vs 1.5-1022": f"{r['ttft_vs_1.5_1022']:.2f}x", "TTFT vs AnyRes": f"{r['ttft_vs_anyres']:.2f}x",
+                "tokens/s b1": f"{r['tokens_per_s_b1']:.1f}", "tokens/s b1 vs 1.5-1022": f"{r['tokens_per_s_b1_vs_1.5_1022']:.2f}x",
+                "tokens/s b1 vs AnyRes": f"{r['tokens_per_s_b1_vs_anyres']:.2f}x", "tokens/s b8": f"{r['tokens_per_s_b8']:.1f}",
+                "peak GiB (b8)": mem}
+
+    train = [{"engine": e, "world": str(r.get("world", "-")), "losses": ", ".join(f"{x:.4f}" for x in r.get("losses", [])) or "-",
+              "max rel gap vs DDP": f"{r['max_rel_gap_vs_ddp']:.1e}" if "max_rel_gap_vs_ddp" in r else "-",
+              "status": "skipped: " + r["skipped"] if "skipped" in r else "FAILED" if "failed" in r else "ran"} for e, r in runs.items()]
+    parts = [f"# GPU: sharded training parity and 7B speed\n\n`python -m benchmarks.gpu{' --dry-run' if dry else ''}`\n\n{note}\n"]
+    if train:
+        parts.append("## Stage 2 of tiny-stage2: loss curves\n\n" + markdown_table(train, list(train[0])))
+    parts.append("## Speed (random weights)\n\n" + markdown_table([fmt(r) for r in rows], list(fmt(rows[0]))))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Training parity under DDP / FSDP2 / ZeRO-3 and the 7B speed table on one GPU."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=main.__doc__)
-    parser.add_argument("--batch", type=int, default=8, help="batch for encoder throughput")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sample")
-    parser.add_argument("--gen-repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample")
+    parser.add_argument("--gen-repeats", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--skip-train", action="store_true", help="speed only")
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: checks the script, not the GPU")
     args = parser.parse_args(argv)
 
     import torch
 
-    from . import human, markdown_table, write_results
-    from .flops import TEXT_TOKENS, llm_prefill_flops
+    from . import write_results
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU; use --dry-run to check the script on the CPU")
-    device = torch.device("cpu" if dry else "cuda")
-    dtype = torch.float32 if dry else torch.bfloat16
+    device, dtype = (torch.device("cpu"), torch.float32) if dry else (torch.device("cuda"), torch.bfloat16)
     torch.manual_seed(0)
     start = time.perf_counter()
-
-    rows: list[dict[str, Any]] = []
-    for name, size, model in _encoders(device, dtype, dry):
-        one = torch.randn(1, 3, size, size, device=device, dtype=dtype)
-        batch = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
-        with torch.inference_mode():
-            tokens = model(one)[0].shape[1]
-        latency = bench(lambda m=model, x=one: m(x), device, args.warmup, args.repeats)
-        batched = bench(lambda m=model, x=batch: m(x), device, args.warmup, args.repeats)
-        rows.append(
-            dict(encoder=name, image=size, tokens=tokens, encoder_ms=1e3 * latency, images_per_s=args.batch / batched)
-        )
-        print(
-            f"{name}: {tokens} tokens, {1e3 * latency:.1f} ms at batch 1, {args.batch / batched:.1f} img/s at batch {args.batch}",
-            flush=True,
-        )
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    llm = _llm(device, dtype, dry)
-    width = llm.config.hidden_size
-    for row in rows:
-        n = row["tokens"] + TEXT_TOKENS
-        embeds = torch.randn(1, n, width, device=device, dtype=dtype)
-        prefill = bench(
-            lambda e=embeds: llm(inputs_embeds=e, use_cache=True, logits_to_keep=1), device, args.warmup, args.repeats
-        )
-        generate = bench(
-            lambda e=embeds: llm.generate(
-                inputs_embeds=e,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            ),
-            device,
-            1,
-            args.gen_repeats,
-        )
-        row.update(
-            prompt_tokens=n,
-            prefill_ms=1e3 * prefill,
-            ttft_ms=row["encoder_ms"] + 1e3 * prefill,
-            generate_tokens_per_s=args.new_tokens / generate,
-            decode_tokens_per_s=statistics.median(
-                decode_rate(llm, embeds, args.new_tokens, device) for _ in range(args.gen_repeats)
-            ),
-            prefill_tflops_per_s=llm_prefill_flops(n) / prefill / 1e12 if not dry else None,
-        )
-        print(
-            f"{row['encoder']}: prefill {n} tokens {1e3 * prefill:.1f} ms, {row['generate_tokens_per_s']:.1f} tokens/s",
-            flush=True,
-        )
-
-    mra = rows[0]
-    for row in rows:
-        row["ttft_vs_mra"] = row["ttft_ms"] / mra["ttft_ms"]
-    fmt = lambda r: {  # noqa: E731
-        "encoder": r["encoder"],
-        "image": r["image"],
-        "visual tokens": r["tokens"],
-        f"encoder img/s (batch {args.batch})": f"{r['images_per_s']:.1f}",
-        "encoder ms (batch 1)": f"{r['encoder_ms']:.1f}",
-        "prefill ms": f"{r['prefill_ms']:.1f}",
-        "time to first token ms": f"{r['ttft_ms']:.1f}",
-        "vs MRA": f"{r['ttft_vs_mra']:.2f}x",
-        "generate tokens/s": f"{r['generate_tokens_per_s']:.1f}",
-        "decode tokens/s": f"{r['decode_tokens_per_s']:.1f}",
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {} if args.skip_train else train_parity(2 if dry else args.train_steps, dry, Path(tmp))
+    rows = speed(args, device, dtype, dry)
     gpu = "CPU dry run (tiny models; numbers mean nothing)" if dry else torch.cuda.get_device_name(0)
-    note = (
-        f"{gpu}; {'fp32' if dry else 'bf16'}, SDPA, random weights; LLM = LlamaForCausalLM with Llama-2-7B shapes"
-        f"{' (tiny in the dry run)' if dry else ''}, prompt = visual tokens + {TEXT_TOKENS}; greedy generation of "
-        f"{args.new_tokens} tokens; medians of {args.repeats} (generation: {args.gen_repeats})."
-    )
-    table = markdown_table([fmt(r) for r in rows], list(fmt(rows[0])))
-    md = f"# GPU: encoder throughput, prefill and generation\n\n`python -m benchmarks.gpu{' --dry-run' if dry else ''}`\n\n{note}\n\n{table}"
+    note = (f"{gpu}; {'fp32' if dry else 'bf16'}, SDPA, random weights; LLM = LlamaForCausalLM with Llama-2-7B shapes"
+            f"{' (tiny in the dry run)' if dry else ''}; prompt = visual tokens + 64 text tokens; tokens/s = batch x "
+            f"{args.new_tokens} greedy tokens / (encoder + generate); medians of {args.repeats} (generation: {args.gen_repeats}); "
+            f"{time.perf_counter() - start:.0f} s in all.")
+    md = _markdown(rows, runs, note, dry)
     print("\n" + md)
-    if dry:  # numbers of tiny CPU models: printed, never saved beside real results
-        print(f"\ndry run done in {time.perf_counter() - start:.0f} s (nothing written)")
-        return rows
-    paths = write_results("gpu", {"note": note, "rows": rows, "args": vars(args)}, md)
-    print(
-        f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s; "
-        f"MRA prefill {human(llm_prefill_flops(mra['prompt_tokens']), 'FLOPs')} (7B)"
-    )
-    return rows
+    result = {"note": note, "train": runs, "rows": rows, "args": vars(args)}
+    if not dry:  # numbers of tiny CPU models: printed, never saved beside real results
+        paths = write_results("gpu", result, md)
+        print(f"\nwrote {', '.join(map(str, paths))}")
+    return result
 
 
 if __name__ == "__main__":

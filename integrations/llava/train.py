@@ -45,6 +45,7 @@ from typing import Any
 import transformers
 from transformers import TrainingArguments
 
+from . import distributed
 from .data import LlavaCollator, LlavaDataset
 from .evaluation import evaluate, predict
 from .model import TINY_LLM, ProcessorImages, build_model, processor_for, set_image_size
@@ -155,21 +156,49 @@ def train(recipe: RecipeArguments, training: TrainingArguments,
     trainer = LlavaTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
                            data_collator=LlavaCollator.from_dataset(dataset), callbacks=list(callbacks),
                            overwrite_output_dir=recipe.overwrite_output_dir, allow_partial_resume=recipe.allow_partial_resume)
+    distributed.configure(trainer, model)  # FSDP: the recipe's wrap policy unless the user named one
     trainer.train(resume_from_checkpoint=_resume(training.resume_from_checkpoint))
-    if recipe.lora_parts:
-        merge_lora(trainer.model)
-    trainer.save_model()
+    final = _final_model(trainer, recipe, training)
     if trainer.is_world_process_zero() and training.output_dir:
-        processor_for(trainer.model, tokenizer, recipe.aspect_ratio).save_pretrained(training.output_dir)
+        processor_for(final, tokenizer, recipe.aspect_ratio).save_pretrained(training.output_dir)
         Path(training.output_dir, "recipe.json").write_text(json.dumps(asdict(recipe), indent=1) + "\n")
         if dataset.skipped:
             logger.warning("%d samples were skipped (on_error='skip'): %s", dataset.skipped, dataset.skipped_ids[:10])
         if recipe.eval_data_path:
-            scores = evaluate(trainer.model, tokenizer, recipe.eval_data_path, template=recipe.template,
+            scores = evaluate(final, tokenizer, recipe.eval_data_path, template=recipe.template,
                               image_folder=recipe.image_folder, aspect_ratio=recipe.aspect_ratio)
             Path(training.output_dir, "eval.json").write_text(json.dumps(scores, indent=1) + "\n")
             logger.info("eval exact match: %s", scores["accuracy"])
     return trainer
+
+
+def _final_model(trainer: LlavaTrainer, recipe: RecipeArguments, training: TrainingArguments) -> Any:
+    """Save the trained model (LoRA merged); returns it on the main process.
+
+    Under FSDP / ZeRO-3 no process holds the whole model: the weights are gathered into a plain
+    copy on the main process (:func:`.distributed.export_model`), which is merged, saved and
+    evaluated there; ``trainer.model`` stays sharded.
+    """
+    if not distributed.is_sharded(trainer):
+        if recipe.lora_parts:
+            merge_lora(trainer.model)
+        trainer.save_model()
+        return trainer.model
+
+    def rebuild() -> Any:
+        model, _ = build_model(recipe, training)
+        if recipe.lora_parts:
+            apply_lora(model, recipe)
+        return model
+
+    final = distributed.export_model(trainer, rebuild)
+    if final is not None:
+        if recipe.lora_parts:
+            merge_lora(final)
+        if training.output_dir:
+            final.save_pretrained(training.output_dir)
+            trainer.processing_class.save_pretrained(training.output_dir)
+    return final
 
 
 def _resume(value: Any) -> Any:

@@ -96,7 +96,8 @@ def create_encoder(name: str, pretrained: bool | str | Path | Mapping[str, str] 
 
 
 def _from_directory(name: str, config: dict[str, Any], path: Path) -> nn.Module:
-    from ..convert import load_converted, load_llava_hr_vision, read_checkpoint
+    from ..convert import load_llava_hr_vision, read_checkpoint
+    from ..pathways._weights import gathered
 
     if not path.is_dir():
         raise WeightsError(
@@ -104,18 +105,32 @@ def _from_directory(name: str, config: dict[str, Any], path: Path) -> nn.Module:
             "encoder (mixres convert llava-hr SRC DST) or an official LLaVA-HR checkpoint"
         )
     encoder = build(config)
-    if (path / "mixres_config.json").exists():
-        state = load_converted(path)[0].state_dict()
-        missing, unexpected = encoder.load_state_dict(state, strict=False) if _shapes_fit(encoder, state, path, name) else ([], [])
-        if missing or unexpected:
-            raise WeightsError(f"the converted encoder in {str(path)!r} does not fit {name!r} (with the overrides given): "
-                               f"missing {missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} keys)")
-    else:
-        report = load_llava_hr_vision(encoder, read_checkpoint(path, keep=("model.vision_tower.",)))
-        if not report.ok:
-            raise WeightsError(f"{str(path)!r} does not fit {name!r}:\n{report.summary()}")
+    with gathered(encoder):  # under deepspeed.zero.Init the parameters are partitioned: load them whole
+        if (path / "mixres_config.json").exists():
+            state = _converted_state(path)
+            missing, unexpected = encoder.load_state_dict(state, strict=False) if _shapes_fit(encoder, state, path, name) else ([], [])
+            if missing or unexpected:
+                raise WeightsError(f"the converted encoder in {str(path)!r} does not fit {name!r} (with the overrides given): "
+                                   f"missing {missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} keys)")
+        else:
+            report = load_llava_hr_vision(encoder, read_checkpoint(path, keep=("model.vision_tower.",)))
+            if not report.ok:
+                raise WeightsError(f"{str(path)!r} does not fit {name!r}:\n{report.summary()}")
     encoder.set_freeze(getattr(encoder, "frozen", ()))  # load_state_dict keeps requires_grad; re-apply the config's freeze
     return encoder
+
+
+def _converted_state(path: Path) -> dict[str, Any]:
+    """The encoder's tensors of a converted directory (``model.safetensors``, keys ``encoder.*``).
+
+    Read as the file holds them (no second encoder is built: under ``deepspeed.zero.Init`` it
+    would be partitioned too). The directory's config is :func:`load_converted`'s to check.
+    """
+    from ..convert import load_converted, read_checkpoint
+
+    if not (path / "model.safetensors").is_file():
+        load_converted(path)  # raises its own error naming what is missing
+    return {k[len("encoder."):]: v for k, v in read_checkpoint(path / "model.safetensors").items() if k.startswith("encoder.")}
 
 
 def _shapes_fit(encoder: nn.Module, state: Mapping[str, Any], path: Path, name: str) -> bool:

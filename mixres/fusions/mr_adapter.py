@@ -48,6 +48,7 @@ from torch import nn
 from .._utils import check_choice, check_positive_int
 from ..errors import MixresError
 from ..grid import map_to_tokens, resample, tokens_to_map
+from ..pathways._weights import gathered
 from ..registry import register_fusion, register_fusion_preset
 from .base import Fusion
 
@@ -187,7 +188,8 @@ class MRAdapter(Fusion):
                 nn.Linear(2 * low_dim, low_dim // 2, **kw), nn.GELU(), nn.Linear(low_dim // 2, gate_out, **kw)
             )
         self.merge_proj = nn.Linear(2 * low_dim, low_dim, **kw) if merge == "concat" else None
-        self.reset_parameters()
+        with gathered(self):  # under deepspeed.zero.Init the layers above are partitioned already
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The release's init: xavier first layers, zero (or xavier) last layers, zero biases."""

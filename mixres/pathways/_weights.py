@@ -9,8 +9,9 @@ that looks like a hub id, a mismatched shape or a missing key is a
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from .._utils import lazy_import
 from ..errors import WeightsError
 
-__all__ = ["load_state_dict_file", "load_into", "strip_prefix", "missing_weights_error", "WEIGHT_FILE_NAMES"]
+__all__ = ["gathered", "load_state_dict_file", "load_into", "strip_prefix", "missing_weights_error", "WEIGHT_FILE_NAMES"]
 
 # file names looked for, in order, when a directory is given
 WEIGHT_FILE_NAMES: tuple[str, ...] = (
@@ -131,6 +132,31 @@ def _listing(items: Iterable[str]) -> str:
     return ", ".join(items[:_SHOWN]) + more
 
 
+@contextlib.contextmanager
+def gathered(module: nn.Module, modifier_rank: int | None = 0) -> Iterator[nn.Module]:
+    """Inside, ``module``'s DeepSpeed ZeRO-3 partitioned parameters are whole (a no-op otherwise).
+
+    Under ``deepspeed.zero.Init`` each parameter keeps only its shard (``param.data`` is
+    ``torch.Size([0])``), so loading a state dict would fail on every shape. This gathers them
+    (``deepspeed.zero.GatheredParameters``); with ``modifier_rank=0`` what rank 0 writes is
+    partitioned again to every rank on exit.
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> with gathered(lin):  # not partitioned: nothing to do
+        ...     tuple(lin.weight.shape)
+        (2, 3)
+    """
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield module
+
+
 def load_into(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -156,6 +182,11 @@ def load_into(
         >>> lin.weight.abs().sum().item()
         0.0
     """
+    with gathered(module):  # ZeRO-3 partitioned parameters are loaded whole
+        _load_checked(module, state_dict, source, ignore)
+
+
+def _load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, ignore: Iterable[str]) -> None:
     ignored = set(ignore)
     own = module.state_dict()
     given = {k: v for k, v in state_dict.items() if k not in ignored}
