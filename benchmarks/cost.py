@@ -47,6 +47,7 @@ from .flops import (
     num_params,
     on_meta,
     projector_flops,
+    token_shape,
 )
 
 __all__ = ["measure", "single_vit", "main", "LLM_WIDTH", "TARGETS"]
@@ -77,15 +78,6 @@ def _images(size: int | tuple[int, int], batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, 3, h, w, device="meta")
 
 
-def _token_shape(out: Any) -> tuple[int, int]:
-    """``(N, C)`` of an encoder output: ``(tokens, grid)``, a tensor, or AnyRes's list."""
-    if isinstance(out, tuple):
-        out = out[0]
-    if isinstance(out, list):
-        out = out[0][None]
-    return int(out.shape[1]), int(out.shape[2])
-
-
 def measure(
     family: str,
     name: str,
@@ -98,7 +90,7 @@ def measure(
     """Count one forward ``call(module)`` and derive tokens, projector and prefill FLOPs."""
     result: dict[str, Any] = {}
     count = count_flops(lambda: result.setdefault("out", call(module)))
-    tokens, width = _token_shape(result["out"])
+    tokens, width = token_shape(result["out"])
     projector = 0 if width == LLM_WIDTH else projector_flops(tokens, width, LLM_WIDTH)
     prefill = llm_prefill_flops(tokens + TEXT_TOKENS)
     kv_cache = 2 * LLAMA2_7B["num_layers"] * LLAMA2_7B["hidden_size"] * (tokens + TEXT_TOKENS) * 2  # K and V, bf16

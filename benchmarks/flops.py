@@ -23,6 +23,7 @@ from mixres.flops import (
     num_params,
     on_meta,
     projector_flops,
+    token_shape,
 )
 
 from . import human, markdown_table, write_results
@@ -40,6 +41,7 @@ __all__ = [
     "projector_flops",
     "llama_config",
     "counted_prefill_flops",
+    "token_shape",
     "_EXTRA_FORMULAS",
     "main",
 ]

@@ -54,6 +54,7 @@ __all__ = [
     "projector_flops",
     "llama_config",
     "counted_prefill_flops",
+    "token_shape",
 ]
 
 # Llama-2-7B (the LLM of LLaVA-1.5-7B and LLaVA-HR-7B; Vicuna-7B has the same shapes)
@@ -203,3 +204,12 @@ def counted_prefill_flops(config: Any, num_tokens: int, lm_head: LMHead = "last"
     ids = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
     keep = 1 if lm_head == "last" else 0
     return count_flops(model, input_ids=ids, use_cache=True, logits_to_keep=keep).total
+
+
+def token_shape(out: Any) -> tuple[int, int]:
+    """``(N, C)`` of an encoder output: ``(tokens, grid)``, a tensor, or AnyRes's list (its first image)."""
+    if isinstance(out, tuple):
+        out = out[0]
+    if isinstance(out, list):
+        out = out[0][None]
+    return int(out.shape[1]), int(out.shape[2])

@@ -39,7 +39,16 @@ import torch
 from torch import nn
 
 from .errors import MixresError
-from .flops import LLAMA2_7B, TEXT_TOKENS, count_flops, llm_prefill_flops, num_params, on_meta, projector_flops
+from .flops import (
+    LLAMA2_7B,
+    TEXT_TOKENS,
+    count_flops,
+    llm_prefill_flops,
+    num_params,
+    on_meta,
+    projector_flops,
+    token_shape,
+)
 
 __all__ = ["LLMS", "VIT_SIZES", "Candidate", "candidates", "measure", "plan", "format_plan", "main"]
 
@@ -101,22 +110,13 @@ def candidates(pattern: str = "*") -> list[Candidate]:
     return [c for c in out if fnmatch.fnmatch(c.name, pattern)]
 
 
-def _token_shape(out: Any) -> tuple[int, int]:
-    """``(N, C)`` of an encoder output: ``(tokens, grid)``, a tensor, or AnyRes's list."""
-    if isinstance(out, tuple):
-        out = out[0]
-    if isinstance(out, list):
-        out = out[0][None]
-    return int(out.shape[1]), int(out.shape[2])
-
-
 def measure(candidate: Candidate, llm: str = "7b") -> dict[str, Any]:
     """Build ``candidate`` on meta, count one forward, derive the row (see the module docstring)."""
     shapes = LLMS[llm]
     module = on_meta(candidate.build)
     result: dict[str, Any] = {}
     encoder = count_flops(lambda: result.setdefault("out", candidate.call(module))).total
-    tokens, width = _token_shape(result["out"])
+    tokens, width = token_shape(result["out"])
     image = candidate.image or int(module.image_size[0])
     d = shapes["hidden_size"]
     prefill = llm_prefill_flops(tokens + TEXT_TOKENS, **shapes)
