@@ -19,7 +19,10 @@ MODULES = sorted(
 
 @pytest.mark.parametrize("name", MODULES)
 def test_doctests(name):
-    module = importlib.import_module(name)
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:  # an optional extra (lmms-eval) missing: say which, do not fail
+        pytest.skip(f"{name} needs {err.name}, which is not installed")
     torch.manual_seed(0)
     result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} of {result.attempted} doctest examples failed in {name}"
