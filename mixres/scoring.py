@@ -226,7 +226,8 @@ def score_answers(
     Example:
         >>> refs = [("q1", ["7"], "digit"), ("q2", ["red"], "colour"), ("q3", ["3"], "digit")]
         >>> report = score_answers({"q1": "7", "q2": "blue", "q3": "3."}, refs, "exact")
-        >>> report["all"], report["digit"], report["colour"]["score"]
+        >>> colour = report["colour"]
+        >>> report["all"], report["digit"], colour["score"]
         ({'score': 0.6666666666666666, 'count': 3}, {'score': 1.0, 'count': 2}, 0.0)
     """
     if metric not in METRICS:

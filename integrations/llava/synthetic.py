@@ -312,7 +312,8 @@ def make_hatch_example(
 
     Example:
         >>> ex = make_hatch_example(random.Random(0))
-        >>> ex.image.size, ex.turns[0][1] in ORIENTATIONS, ex.detail_px in (3, 4)
+        >>> question, answer = ex.turns[0]
+        >>> ex.image.size, answer in ORIENTATIONS, ex.detail_px in (3, 4)
         ((128, 128), True, True)
     """
     W, H = _sides(rng, image_size)
