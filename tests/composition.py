@@ -130,7 +130,7 @@ def _recipe_step(recipe: Any, out: Path) -> str:
     """One stage-2 step through the recipe's own train(): only trainable parts move; the projector,
     the LLM and the encoder do (a part read only through zero-init adapters, the map pathway, gets
     no gradient in the first step: that is the identity at init, not a fault)."""
-    from transformers import TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
 
     from mixres.integrations.llava.train import model_parts, train
 
@@ -139,7 +139,7 @@ def _recipe_step(recipe: Any, out: Path) -> str:
                              dataloader_num_workers=0, seed=0, logging_steps=1)
     before: dict[int, torch.Tensor] = {}
 
-    class Snap(__import__("transformers").TrainerCallback):
+    class Snap(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             before.update({id(p): p.detach().clone() for p in model.parameters() if p.requires_grad})
 

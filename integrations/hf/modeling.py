@@ -122,7 +122,7 @@ class MixresVisionConfig(PreTrainedConfig):
             if height != width:
                 raise UnsupportedModelError(f"HF vision towers read square images, but the encoder's image_size is {(height, width)}")
             image_size = height
-        grid = _grid_or_none(encoder, image_size)
+        tower_grid = grid = _grid_or_none(encoder, image_size)
         count = grid[0] * grid[1] if grid is not None else int(encoder.num_tokens(image_size))
         if projector is not None:
             projector = {"kind": "projector", "in_dim": encoder.out_dim, **projector}
@@ -134,7 +134,7 @@ class MixresVisionConfig(PreTrainedConfig):
         side = grid[0] if grid is not None and grid[0] == grid[1] and image_size % grid[0] == 0 else None
         return cls(encoder=encoder.config, hidden_size=encoder.out_dim, image_size=image_size,
                    patch_size=image_size // side if side else image_size, num_image_tokens=count,
-                   projector=projector, feature_grid=list(_grid_or_none(encoder, image_size) or []) or None, **kwargs)
+                   projector=projector, feature_grid=list(tower_grid) if tower_grid else None, **kwargs)
 
     @property
     def on_grid(self) -> bool:

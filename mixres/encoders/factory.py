@@ -108,7 +108,8 @@ def _from_directory(name: str, config: dict[str, Any], path: Path) -> nn.Module:
     with gathered(encoder):  # under deepspeed.zero.Init the parameters are partitioned: load them whole
         if (path / "mixres_config.json").exists():
             state = _converted_state(path)
-            missing, unexpected = encoder.load_state_dict(state, strict=False) if _shapes_fit(encoder, state, path, name) else ([], [])
+            _check_shapes(encoder, state, path, name)
+            missing, unexpected = encoder.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise WeightsError(f"the converted encoder in {str(path)!r} does not fit {name!r} (with the overrides given): "
                                    f"missing {missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} keys)")
@@ -116,8 +117,7 @@ def _from_directory(name: str, config: dict[str, Any], path: Path) -> nn.Module:
             report = load_llava_hr_vision(encoder, read_checkpoint(path, keep=("model.vision_tower.",)))
             if not report.ok:
                 raise WeightsError(f"{str(path)!r} does not fit {name!r}:\n{report.summary()}")
-    encoder.set_freeze(getattr(encoder, "frozen", ()))  # load_state_dict keeps requires_grad; re-apply the config's freeze
-    return encoder
+    return encoder  # load_state_dict copies values in place: the config's freeze stays as built
 
 
 def _converted_state(path: Path) -> dict[str, Any]:
@@ -133,9 +133,8 @@ def _converted_state(path: Path) -> dict[str, Any]:
     return {k[len("encoder."):]: v for k, v in read_checkpoint(path / "model.safetensors").items() if k.startswith("encoder.")}
 
 
-def _shapes_fit(encoder: nn.Module, state: Mapping[str, Any], path: Path, name: str) -> bool:
+def _check_shapes(encoder: nn.Module, state: Mapping[str, Any], path: Path, name: str) -> None:
     own = encoder.state_dict()
     bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise WeightsError(f"the converted encoder in {str(path)!r} does not fit {name!r}: shapes differ at {bad[:5]}")
-    return True
