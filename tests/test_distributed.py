@@ -32,6 +32,7 @@ WORKER = (
     "    losses = [e['loss'] for e in trainer.state.log_history if 'loss' in e]\n"
     "    json.dump({'world': trainer.args.world_size, 'fsdp': trainer.is_fsdp_enabled, 'losses': losses},\n"
     "              open(f'{trainer.args.output_dir}/losses.json', 'w'))\n"
+    "trainer.accelerator.end_training()\n"  # as the console command does: the process group goes first
 )
 # fp32 on CPU. For 2 processes the gradient mean is exact in both engines (a/2 + b/2 == (a+b)/2:
 # halving is exact), forward passes run the same kernels on the same (gathered) weights, and the

@@ -169,6 +169,9 @@ def train(recipe: RecipeArguments, training: TrainingArguments,
                               image_folder=recipe.image_folder, aspect_ratio=recipe.aspect_ratio)
             Path(training.output_dir, "eval.json").write_text(json.dumps(scores, indent=1) + "\n")
             logger.info("eval exact match: %s", scores["accuracy"])
+    # every process leaves together: a rank that exits while the main one still writes the export
+    # tears its process group down under it (gloo: the exiting rank aborts, CI saw SIGABRT)
+    trainer.accelerator.wait_for_everyone()
     return trainer
 
 
@@ -237,12 +240,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
     for i in reversed(bare):
         del argv[i]
     try:
-        main(argv)
+        trainer = main(argv)
     except (MixresError, OSError, ImportError) as err:
         if bare:
             raise
         print(f"train: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    trainer.accelerator.end_training()  # trackers closed, the process group destroyed before exit
     return 0
 
 
