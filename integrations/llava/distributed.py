@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fsdp_wrap_classes", "configure", "freeze_unreached", "is_sharded", "export_model", "save_partitioned"]
+__all__ = ["prepare", "fsdp_wrap_classes", "configure", "freeze_unreached", "is_sharded", "export_model", "save_partitioned"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,34 @@ def fsdp_wrap_classes(model: Any) -> list[str]:
         if isinstance(part, torch.nn.Module) and any(True for _ in part.parameters()):
             names.add(_repeated_block_class(part))
     return sorted(names)
+
+
+def prepare(training: Any) -> bool:
+    """Before the model is built: give DeepSpeed the job's process group when it has none yet.
+
+    On a GPU, accelerate starts ``deepspeed.comm`` with the process group (``PartialState``,
+    ``use_deepspeed``); with ``--use_cpu true`` it starts a gloo group with ``torch.distributed``
+    only. ``deepspeed.zero.Init`` (transformers builds every sub-model under it when the config
+    is ZeRO-3) then reads the world size from an unstarted ``deepspeed.comm`` as 1 and fails:
+    ``train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size
+    8 != 4 * 1 * 1`` (``deepspeed/runtime/config.py``, ``_batch_assertion``; the config is read
+    before ``zero.Init`` starts the comm itself). This starts ``deepspeed.comm`` on the existing
+    group (no new one is made). Returns whether it did; without DeepSpeed, or when the comm is
+    already up (every GPU job), it does nothing.
+
+    Args:
+        training: the ``TrainingArguments`` (their devices set up: ``training.world_size`` read).
+    """
+    import torch.distributed as dist
+
+    if not getattr(training, "deepspeed", None) or training.world_size < 2 or not dist.is_initialized():
+        return False
+    from deepspeed import comm
+
+    if comm.is_initialized():
+        return False
+    comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+    return True
 
 
 def configure(trainer: Any, model: Any) -> list[str] | None:
@@ -178,7 +206,8 @@ def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
         RuntimeError: the gathered state does not fit the rebuilt model.
     """
     wrapped = trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model
-    state = _full_tensors(trainer.accelerator.get_state_dict(wrapped), keep=trainer.is_world_process_zero())
+    state = trainer.accelerator.get_state_dict(wrapped)  # ZeRO-3: None except on the main process
+    state = _full_tensors(state or {}, keep=trainer.is_world_process_zero())
     if not trainer.is_world_process_zero():
         return None
     model = rebuild()

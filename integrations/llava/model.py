@@ -94,7 +94,13 @@ def _assemble(encoder: torch.nn.Module, llm: torch.nn.Module, tokenizer: Any, im
                          vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
                          image_seq_length=vision.num_image_tokens,
                          tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)))
-    with torch.device("meta"):
+    # A skeleton whose sub-models are replaced below. Under ZeRO-3 transformers builds each sub-model
+    # (``from_config``) inside zero.Init and then initialises it gathered, which fails on meta tensors
+    # ("Cannot copy out of meta tensor"); set_zero3_state (transformers' own guard against nested
+    # zero.Init) skips that: nothing of the skeleton is kept, deepspeed.initialize partitions the real parts.
+    from transformers.modeling_utils import set_zero3_state
+
+    with torch.device("meta"), set_zero3_state():
         model = llava_class_for(config)(config)
     dtype = llm.get_input_embeddings().weight.dtype
     model.model.vision_tower = MixresVisionModel(config.vision_config, encoder=encoder.to(dtype))

@@ -143,6 +143,7 @@ def train(recipe: RecipeArguments, training: TrainingArguments,
     transformers.set_seed(training.seed)
     recipe = _default_data(recipe, training)
     training.remove_unused_columns = False  # the collator reads the dataset's own keys
+    distributed.prepare(training)  # DeepSpeed on CPU: zero.Init needs deepspeed.comm on the job's group
     model, tokenizer = build_model(recipe, training)
     trained, absent = resolve_parts(model, recipe.trainable_parts, recipe.frozen_parts)
     set_trainable(model, recipe.trainable_parts, recipe.frozen_parts)
