@@ -1,7 +1,8 @@
-"""The tiny stage-2 recipe under FSDP2 with 2 processes over gloo, against DDP (CPU).
+"""The tiny stage-2 recipe under FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3, 2 processes over gloo, against DDP (CPU).
 
 Launched as a user would: ``accelerate launch --config_file integrations/llava/fsdp-cpu.yaml``
-for FSDP, ``torchrun`` for DDP. Each multi-process run takes 30-60 s on 2 cores: slow tests.
+for FSDP, ``torchrun ... --deepspeed integrations/llava/deepspeed/zero{2,3}.json`` for DeepSpeed
+(its CPU accelerator), ``torchrun`` for DDP. Each multi-process run takes 10-60 s on 2 cores: slow tests.
 """
 
 import json
@@ -21,6 +22,7 @@ from mixres.integrations.llava import train as recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CPU = ROOT / "integrations" / "llava" / "fsdp-cpu.yaml"
+ZERO = {stage: ROOT / "integrations" / "llava" / "deepspeed" / f"zero{stage}.json" for stage in (2, 3)}
 COMMON = ["--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1",
           "--dataloader_num_workers", "0", "--seed", "0", "--max_steps", "4", "--per_device_train_batch_size", "4",
           "--save_strategy", "steps", "--save_steps", "2"]
@@ -30,15 +32,20 @@ WORKER = (
     "trainer = main(sys.argv[1:])\n"
     "if trainer.is_world_process_zero():\n"
     "    losses = [e['loss'] for e in trainer.state.log_history if 'loss' in e]\n"
-    "    json.dump({'world': trainer.args.world_size, 'fsdp': trainer.is_fsdp_enabled, 'losses': losses},\n"
+    "    ds = trainer.accelerator.state.deepspeed_plugin\n"
+    "    json.dump({'world': trainer.args.world_size, 'fsdp': trainer.is_fsdp_enabled, 'losses': losses,\n"
+    "               'zero_stage': ds.zero_stage if trainer.is_deepspeed_enabled else None},\n"
     "              open(f'{trainer.args.output_dir}/losses.json', 'w'))\n"
     "trainer.accelerator.end_training()\n"  # as the console command does: the process group goes first
 )
-# fp32 on CPU. For 2 processes the gradient mean is exact in both engines (a/2 + b/2 == (a+b)/2:
+# fp32 on CPU. For 2 processes the gradient mean is exact in every engine (a/2 + b/2 == (a+b)/2:
 # halving is exact), forward passes run the same kernels on the same (gathered) weights, and the
-# AdamW update is elementwise; what differs is the clipping norm (FSDP sums per-shard squares then
-# all-reduces), about 1 ulp per step. 1e-5 relative covers that with room, and is far below a real
-# difference (one optimizer step changes the loss by ~1e-2 here).
+# AdamW update is elementwise; what differs is the clipping norm (FSDP and ZeRO sum per-shard or
+# per-bucket squares then all-reduce), about 1 ulp per step (measured:
+# grad norm 5.974153548 under ZeRO-3 vs 5.974153042 under DDP). 1e-5 relative covers that with room,
+# and is far below a real difference (one optimizer step changes the loss by ~1e-2 here). The
+# closest weights are CLIP's k_proj biases, whose true gradient is zero (softmax ignores a shift
+# shared by all keys) so AdamW turns rounding noise into their update: measured within 0.3 of it.
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -47,7 +54,8 @@ def data(tmp_path_factory):
     return recipe.synthetic_data(tmp_path_factory.mktemp("data"), num_train=24, num_test=4, image_size=256, seed=0)
 
 
-def _launch(out: Path, data_path: Path, *extra: str, fsdp: bool, launch: tuple[str, ...] = ()) -> dict:
+def _launch(out: Path, data_path: Path, *extra: str, fsdp: bool, launch: tuple[str, ...] = (),
+            zero: int | None = None) -> dict:
     worker = out.parent / "worker.py"
     worker.write_text(WORKER)
     argv = ["--recipe", "tiny-stage2", "--output_dir", str(out), "--data_path", str(data_path), *COMMON, *extra]
@@ -56,11 +64,13 @@ def _launch(out: Path, data_path: Path, *extra: str, fsdp: bool, launch: tuple[s
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         argv += ["--ddp_backend", "gloo"]
+        if zero is not None:  # --use_cpu true selects DeepSpeed's CPU accelerator path (gloo)
+            argv += ["--deepspeed", str(ZERO[zero])]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([*launcher, str(worker), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "losses.json").read_text())
-    assert result["world"] == 2 and result["fsdp"] == fsdp
+    assert result["world"] == 2 and result["fsdp"] == fsdp and result["zero_stage"] == zero
     return result
 
 
@@ -83,12 +93,18 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(b[name], a[name], **TOL, msg=name)
 
 
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, data):
+    """The reference: plain DDP (torchrun, gloo), run once for every engine compared with it."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return dict(_launch(out, data["train"], fsdp=False), weights=_weights(out))
+
+
 @pytest.mark.slow
-def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(tmp_path, data):
-    ddp = _launch(tmp_path / "ddp", data["train"], fsdp=False)
+def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(tmp_path, data, ddp):
     fsdp = _launch(tmp_path / "fsdp", data["train"], fsdp=True)
     _assert_same_curve(fsdp["losses"], ddp["losses"])
-    _assert_same_weights(_weights(tmp_path / "ddp"), _weights(tmp_path / "fsdp"))
+    _assert_same_weights(ddp["weights"], _weights(tmp_path / "fsdp"))
     checkpoint = tmp_path / "fsdp" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded (DCP)
     resumed = _launch(tmp_path / "resumed", data["train"], "--resume_from_checkpoint", str(checkpoint), fsdp=True)
@@ -115,6 +131,24 @@ def test_fsdp_with_frozen_parts_and_lora_resumes_and_saves_full_state_dicts(tmp_
     assert (tmp_path / "full" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
     _assert_same_curve(full["losses"], first["losses"])
     _assert_same_weights(trained, _weights(tmp_path / "full"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_ddp_and_resumes_from_its_checkpoint(tmp_path, data, ddp, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed runs need the deepspeed package (pip install deepspeed)")
+    run = _launch(tmp_path / "zero", data["train"], fsdp=False, zero=stage)
+    _assert_same_curve(run["losses"], ddp["losses"])
+    trained = _weights(tmp_path / "zero")
+    _assert_same_weights(ddp["weights"], trained)
+    checkpoint = tmp_path / "zero" / "checkpoint-2"
+    # DeepSpeed's own checkpoint: the optimizer state partitioned per rank; the model too under ZeRO-3
+    model = {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)} if stage == 3 else {"mp_rank_00_model_states.pt"}
+    assert {p.name for p in (checkpoint / "global_step2").iterdir()} == model | {
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    resumed = _launch(tmp_path / "resumed", data["train"], "--resume_from_checkpoint", str(checkpoint), fsdp=False, zero=stage)
+    _assert_same_curve(resumed["losses"], run["losses"])
+    _assert_same_weights(trained, _weights(tmp_path / "resumed"))
 
 
 # --- the pieces, in one process -------------------------------------------------------------
