@@ -126,11 +126,16 @@ def test_fsdp_with_frozen_parts_and_lora_resumes_and_saves_full_state_dicts(tmp_
     ddp = _launch(tmp_path / "ddp", data["train"], *lora, fsdp=False)
     _assert_same_curve(first["losses"], ddp["losses"])
     _assert_same_weights(_weights(tmp_path / "ddp"), trained)
-    # FULL_STATE_DICT checkpoints (one gathered file; resuming from them is not covered: see docs)
-    full = _launch(tmp_path / "full", data["train"], *lora, fsdp=True, launch=("--fsdp_state_dict_type", "FULL_STATE_DICT"))
+    # FULL_STATE_DICT checkpoints: one gathered file, written and read back by rank 0 (broadcast)
+    full_sd = ("--fsdp_state_dict_type", "FULL_STATE_DICT")
+    full = _launch(tmp_path / "full", data["train"], *lora, fsdp=True, launch=full_sd)
     assert (tmp_path / "full" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
     _assert_same_curve(full["losses"], first["losses"])
     _assert_same_weights(trained, _weights(tmp_path / "full"))
+    again = _launch(tmp_path / "full-resumed", data["train"], *lora, "--resume_from_checkpoint",
+                    str(tmp_path / "full" / "checkpoint-2"), fsdp=True, launch=full_sd)
+    _assert_same_curve(again["losses"], full["losses"])
+    _assert_same_weights(trained, _weights(tmp_path / "full-resumed"))
 
 
 @pytest.mark.slow

@@ -166,6 +166,7 @@ def _fsdp_on_cpu(trainer: Any) -> Any | None:
     """
     import os
 
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
@@ -174,12 +175,14 @@ def _fsdp_on_cpu(trainer: Any) -> Any | None:
         return None
     plugin = FullyShardedDataParallelPlugin(**(trainer.args.fsdp_plugin_args or {}))
     state.distributed_type = DistributedType.FSDP
+    # and in PartialState's shared dict, as AcceleratorState.__init__ itself does: every later
+    # AcceleratorState() (AcceleratedOptimizer makes one) copies PartialState's values over its own.
+    # Without this the job fell back to MULTI_CPU once the optimizer was prepared, and resuming a
+    # FULL_STATE_DICT checkpoint hung: accelerate's load_fsdp_model took its FSDP1 path on rank 1
+    # (return early) while rank 0 waited in set_model_state_dict's broadcast from rank 0.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
-    # on CPU accelerate's full state dict comes back as DTensors, which safetensors cannot write
-    # (Trainer's FULL_STATE_DICT checkpoints); gather them here, every process in the same order
-    accelerator, gather = trainer.accelerator, trainer.accelerator.get_state_dict
-    accelerator.get_state_dict = lambda model, unwrap=True: _full_tensors(gather(model, unwrap), keep=accelerator.is_main_process)
     return plugin
 
 
@@ -206,8 +209,7 @@ def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
         RuntimeError: the gathered state does not fit the rebuilt model.
     """
     wrapped = trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model
-    state = trainer.accelerator.get_state_dict(wrapped)  # ZeRO-3: None except on the main process
-    state = _full_tensors(state or {}, keep=trainer.is_world_process_zero())
+    state = trainer.accelerator.get_state_dict(wrapped)  # full tensors on the main process only
     if not trainer.is_world_process_zero():
         return None
     model = rebuild()
@@ -219,24 +221,6 @@ def export_model(trainer: Any, rebuild: Callable[[], Any]) -> Any | None:
         raise RuntimeError(f"the gathered state does not fit the rebuilt model: missing {missing[:5]}, unexpected "
                            f"{unexpected[:5]} ({len(missing)} / {len(unexpected)} keys)")
     return model
-
-
-def _full_tensors(state: dict[str, Any], keep: bool) -> dict[str, Any]:
-    """Gather the DTensors that remain (accelerate returns them for FSDP2 on CPU) one at a time.
-
-    Idempotent: a state of plain tensors is returned as is (on the main process).
-
-    Every process runs the same gathers in the same key order; only ``keep`` keeps the results.
-    """
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, DTensor):
-            value = value.full_tensor().cpu()
-        if keep:
-            out[key] = value
-    return out
 
 
 def save_partitioned(dst: str | Path, encoder: torch.nn.Module) -> Path | None:
