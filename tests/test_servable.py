@@ -70,3 +70,18 @@ def test_processor_counts_the_tokens_the_tower_returns(served):
         tokens = model.model.get_image_features(pixel_values=torch.randn(2, 3, side, side), vision_feature_layer=-1,
                                                 vision_feature_select_strategy="full").pooler_output
     assert [t.shape[0] for t in tokens] == [n, n]
+
+
+def test_processor_prompt_expansion_matches_its_count_and_the_model_runs_it(served):
+    # an engine replaces each image placeholder by `_get_num_multimodal_tokens` tokens; the processor's own
+    # expansion of the prompt and the tower's features have to agree with that count, whatever the image's size
+    from PIL import Image
+
+    model, processor = served
+    image = Image.new("RGB", (100, 300), (120, 30, 200))  # not square, not the tower's size
+    inputs = processor(text=[f"{processor.image_token} what colour?"], images=[image], return_tensors="pt")
+    (n,) = processor._get_num_multimodal_tokens(image_sizes=[(300, 100)]).num_image_tokens
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == n
+    with torch.no_grad():  # transformers checks that the image features fill exactly those positions
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()

@@ -154,8 +154,10 @@ def predict(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
         images = [prep(_open(r["image"], image_folder)) for r in chunk if r.get("image")]
         if images:
             inputs["pixel_values"] = torch.stack(images).to(device, next(model.parameters()).dtype)
+        # synced_gpus=False: this process's own whole model (the recipe evaluates on the main process
+        # only); transformers turns the sync on whenever ZeRO-3 is configured and would wait for peers
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                             pad_token_id=pad)
+                             pad_token_id=pad, synced_gpus=False)
         for record, new in zip(chunk, out[:, width:]):
             text = tokenizer.decode(new, skip_special_tokens=True)
             answers[str(record["id"])] = text.strip().split("\n")[0].strip()
