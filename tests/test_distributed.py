@@ -208,3 +208,17 @@ def test_device_script_dry_run_runs_every_engine_and_row():
     for row in rows.values():
         assert row["ttft_ms"] == pytest.approx(row["encoder_ms"] + row["prefill_ms"])
         assert row["tokens_per_s_b1"] > 0 and row["tokens_per_s_b8"] > 0
+
+
+def test_deepspeed_preparation_refuses_a_launch_the_trainer_does_not_see(monkeypatch):
+    from types import SimpleNamespace
+
+    from mixres.integrations.llava.recipe import RecipeError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.prepare(SimpleNamespace(deepspeed=None, world_size=1)) is False  # no DeepSpeed: nothing to do
+    with pytest.raises(RecipeError, match="started 2 processes but the trainer sees 1"):
+        distributed.prepare(SimpleNamespace(deepspeed="zero3.json", world_size=1))
+    # one process (no process group): nothing to start, and deepspeed is not even imported
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.prepare(SimpleNamespace(deepspeed="zero3.json", world_size=1)) is False

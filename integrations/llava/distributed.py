@@ -87,10 +87,25 @@ def prepare(training: Any) -> bool:
 
     Args:
         training: the ``TrainingArguments`` (their devices set up: ``training.world_size`` read).
+
+    Raises:
+        RecipeError: a DeepSpeed job on a machine without GPUs launched without ``--use_cpu
+            true``: accelerate then sets up no process group, transformers fills the config's
+            ``"auto"`` batch size for 1 process while DeepSpeed counts the launcher's (``4 != 4 * 1 * 2``).
     """
+    import os
+
     import torch.distributed as dist
 
-    if not getattr(training, "deepspeed", None) or training.world_size < 2 or not dist.is_initialized():
+    if not getattr(training, "deepspeed", None):
+        return False
+    launched = int(os.environ.get("WORLD_SIZE", training.world_size))  # torchrun, deepspeed, accelerate set it
+    if launched > training.world_size:
+        from .recipe import RecipeError
+
+        raise RecipeError(f"DeepSpeed: the launcher started {launched} processes but the trainer sees "
+                          f"{training.world_size} (no GPU here?); on CPU pass --use_cpu true")
+    if training.world_size < 2 or not dist.is_initialized():
         return False
     from deepspeed import comm
 
