@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ FAMILY_RECIPES: dict[str, FamilyRecipe] = {f.name: f for f in (
                  tiny_families.tiny_llava_onevision, projector=("multi_modal_projector", "image_newline"),
                  model_types=("llava_onevision",)),
     FamilyRecipe("gemma3", GEMMA3_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>",
-                 tiny_families.tiny_gemma3, model_types=("gemma3",)),
+                 partial(tiny_families.tiny_gemma3, sliding_window=512), model_types=("gemma3",)),
     FamilyRecipe("idefics3", IDEFICS3_TEMPLATE, ("<|begin_of_text|>", "<end_of_utterance>"), "<end_of_utterance>",
                  tiny_families.tiny_idefics3, vision="vision_model", projector=("connector",), llm="text_model",
                  model_types=("idefics3", "mixres_idefics3")),
