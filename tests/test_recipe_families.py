@@ -18,11 +18,11 @@ from PIL import Image  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from mixres.integrations.hf import generate, load_pretrained  # noqa: E402
-from mixres.integrations.llava.recipe import RecipeError  # noqa: E402
 from mixres.integrations.llava import train as recipe  # noqa: E402
 from mixres.integrations.llava.families import FAMILY_RECIPES, build_family_model, family_parts, family_recipe  # noqa: E402
 from mixres.integrations.llava.family_data import FamilyCollator, align_labels  # noqa: E402
 from mixres.integrations.llava.family_train import family_dataset, image_features, predict_family  # noqa: E402
+from mixres.integrations.llava.recipe import RecipeError  # noqa: E402
 
 FAST = ["--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
         "--logging_steps", "1", "--dataloader_num_workers", "0", "--seed", "0", "--warmup_steps", "0",

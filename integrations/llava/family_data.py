@@ -126,6 +126,8 @@ class FamilyDataset(LlavaDataset):
     def __init__(self, data: str | os.PathLike[str] | Sequence[Mapping[str, Any]], processor: Any, *,
                  end_of_turn: str | None, image_folder: str | os.PathLike[str] | None = None, max_length: int = 2048,
                  on_error: str = "raise", nested_images: bool = False) -> None:
+        # LlavaDataset's record checks and loading loop are reused; its __init__ is not (it fixes one
+        # image-token count and a LLaVA template), so the attributes they read are set here
         tokenizer = processor.tokenizer
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(f"the processor's tokenizer has to be a fast HF tokenizer (offsets), but got {type(tokenizer).__name__}")
@@ -137,7 +139,6 @@ class FamilyDataset(LlavaDataset):
         self.allow_outside_image_folder = False
         self.skipped, self.skipped_ids = 0, []
         self._records, self._lengths, self._broken = [], [], set()
-        self.template = type("FamilyTemplate", (), {"name": "chat_template"})()
         for index, record in enumerate(records):
             self._add(index, record)
 
@@ -181,7 +182,7 @@ class FamilyDataset(LlavaDataset):
                 "image_inputs": image_inputs if kwargs else {}, "token_inputs": token_inputs}
 
     def _open(self, path: Path) -> Any:
-        from .data import _UnreadableImage, Image
+        from .data import Image, _UnreadableImage
 
         try:
             with Image.open(path) as image:
