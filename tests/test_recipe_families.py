@@ -19,7 +19,13 @@ from transformers import TrainerCallback  # noqa: E402
 
 from mixres.integrations.hf import generate, load_pretrained  # noqa: E402
 from mixres.integrations.llava import train as recipe  # noqa: E402
-from mixres.integrations.llava.families import FAMILY_RECIPES, build_family_model, family_parts, family_recipe  # noqa: E402
+from mixres.integrations.llava.families import (  # noqa: E402
+    FAMILY_RECIPES,
+    build_family_model,
+    family_parts,
+    family_recipe,
+    set_family_image_size,
+)
 from mixres.integrations.llava.family_data import FamilyCollator, align_labels  # noqa: E402
 from mixres.integrations.llava.family_train import family_dataset, image_features, predict_family  # noqa: E402
 from mixres.integrations.llava.recipe import RecipeError  # noqa: E402
@@ -150,13 +156,21 @@ def test_image_tokens_equal_the_features_the_tower_produces(run):
         assert torch.isfinite(model(**batch).loss)
 
 
-def test_stage2_with_lora_and_a_local_base_directory(tmp_path, data):
+def test_stage2_with_lora_at_another_size_from_a_local_base_directory(tmp_path, data):
     model, processor = FAMILY_RECIPES["gemma3"].tiny()
     model.save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
     _stage(str(tmp_path / "base"), 1, tmp_path / "s1", data["train_stage1"], "--max_steps", 1)
     trainer, snap = _stage("gemma3-tiny", 2, tmp_path / "s2", data["train"], "--model", tmp_path / "s1",
-                           "--lora", "llm", "--lora_r", 2, "--lora_alpha", 4)
+                           "--lora", "llm", "--lora_r", 2, "--lora_alpha", 4, "--image_size", 256)
+    model = trainer.model
+    # stage 2 reads 256 px (grid 8, pooled 2x2: 16 tokens) where stage 1 read 64 (grid 4: 4 tokens)
+    assert model.config.mm_tokens_per_image == 16 and model.model.multi_modal_projector.patches_per_image == 8
+    item = trainer.train_dataset[0]
+    with torch.no_grad():
+        features = image_features(model, item["image_inputs"])
+    assert int((item["input_ids"] == model.config.image_token_id).sum()) == features.shape[0] == 16
+    assert load_pretrained(tmp_path / "s2")[1].image_seq_length == 16
     changes = _changes(trainer, snap)
     assert not any("lora_" in n for n, _ in trainer.model.named_parameters())  # merged before the save
     llm_changed = {n.rsplit(".", 2)[-2] for n in changes["llm"][0]}
@@ -192,3 +206,27 @@ def test_dataset_of_a_fresh_model_uses_the_family_template(data):
     assert text.startswith("<s><start_of_turn>user\n<start_of_image>") and "<start_of_turn>model\n" in text
     item = dataset[0]
     assert int((item["input_ids"] == model.config.image_token_id).sum()) == model.config.mm_tokens_per_image
+
+
+@pytest.mark.parametrize("base", ["onevision-tiny", "gemma3-tiny", "idefics3-tiny"])
+def test_changing_the_image_size_equals_mrify_at_that_size(base, data):
+    def build(size):
+        args = recipe.parse_args(["--recipe", "tiny-family-stage1", "--base_model", base, "--output_dir", "unused",
+                                  "--data_path", str(data["train_stage1"]), "--image_size", str(size), *FAST])[0]
+        return args, *build_family_model(args)
+
+    args, resized, processor = build(64)
+    set_family_image_size(resized, processor, 256)
+    _, fresh, fresh_processor = build(256)
+    spec, ids = family_recipe(fresh), []
+    for model, proc in ((resized, processor), (fresh, fresh_processor)):
+        item = family_dataset(args, proc, spec, data["train_stage1"])[0]
+        with torch.no_grad():
+            count = image_features(model, item["image_inputs"]).shape[0]
+        assert int((item["input_ids"] == model.config.image_token_id).sum()) == count
+        ids.append(item["input_ids"])
+    assert torch.equal(*ids)  # the same expansion as a fresh mrify at 256
+    for key in ("image_size", "patch_size", "num_image_tokens", "feature_grid"):
+        assert getattr(resized.config.vision_config, key) == getattr(fresh.config.vision_config, key), key
+    with pytest.raises(RecipeError, match="cannot read the model at image_size=100"):
+        set_family_image_size(resized, processor, 100)

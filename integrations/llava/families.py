@@ -32,7 +32,7 @@ from ..hf import tiny_families
 from .recipe import RecipeArguments, RecipeError
 
 __all__ = ["FamilyRecipe", "FAMILY_RECIPES", "TINY_BASES", "family_recipe", "family_parts", "is_family_directory", "llm_module",
-           "is_family_model", "build_family_model", "prepare_processor", "ONEVISION_TEMPLATE", "GEMMA3_TEMPLATE",
+           "is_family_model", "build_family_model", "set_family_image_size", "prepare_processor", "ONEVISION_TEMPLATE", "GEMMA3_TEMPLATE",
            "IDEFICS3_TEMPLATE", "SMOLVLM_TEMPLATE"]
 
 # The chat templates, written from each family's own format (used when a processor carries none,
@@ -193,7 +193,8 @@ def _load_directory(path: str, dtype: torch.dtype, what: str) -> tuple[Any, Any]
 def build_family_model(recipe: RecipeArguments, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """``(model, processor)`` of a family recipe, mrified and ready to train.
 
-    ``recipe.model`` (a previous stage's ``output_dir``) is loaded as saved; otherwise
+    ``recipe.model`` (a previous stage's ``output_dir``) is loaded as saved (read at
+    ``recipe.image_size`` when it names another size: :func:`set_family_image_size`); otherwise
     ``recipe.base_model`` (a :data:`TINY_BASES` name or a local directory) is built or loaded and
     mrified at ``recipe.image_size`` with ``recipe.mrify``'s arguments. The processor is then
     prepared for the data (:func:`prepare_processor`).
@@ -211,8 +212,7 @@ def build_family_model(recipe: RecipeArguments, dtype: torch.dtype = torch.float
             raise RecipeError(f"model {recipe.model!r} is no mrified model of {sorted(FAMILY_RECIPES)}; start from "
                               "base_model instead (it is mrified there)")
         if recipe.image_size is not None and recipe.image_size != int(model.config.vision_config.image_size):
-            raise RecipeError(f"model {recipe.model!r} reads {model.config.vision_config.image_size} px; a family "
-                              f"stage keeps its model's image_size, so leave image_size unset (got {recipe.image_size})")
+            set_family_image_size(model, processor, recipe.image_size)  # e.g. LLaVA-HR: low res, then high res
     else:
         model, processor = _base(recipe.base_model, dtype)
         if recipe.image_size is None:
@@ -221,6 +221,45 @@ def build_family_model(recipe: RecipeArguments, dtype: torch.dtype = torch.float
         spec = family_recipe(model)
     prepare_processor(model, processor, spec, _data_texts(recipe))
     return model.train(), processor
+
+
+def set_family_image_size(model: Any, processor: Any, image_size: int) -> int:
+    """Make a mrified family model and its processor read ``image_size`` px per image (tile); returns
+    the LLM tokens per image (tile).
+
+    What :func:`~mixres.integrations.hf.mrify` sets at the end, again for the new size: the tower
+    config, the family's config / modules (OneVision's pinpoints, Gemma 3's pooled count, Idefics3's
+    per-tile count) and the processor's sizes and ``<image>`` expansion. The weights are untouched.
+
+    Raises:
+        RecipeError: a size the map pathway's stride, the token grid or the family's own
+            reduction does not divide.
+    """
+    from mixres.errors import MixresError
+
+    from ..hf.errors import UnsupportedModelError
+    from ..hf.families import find_family
+    from ..hf.modeling import MixresVisionConfig
+
+    family, spec = find_family(model), family_recipe(model)
+    tower = getattr(model.model, spec.vision)
+    old_tile = int(tower.config.image_size)
+    try:
+        tower.encoder.check_image_size(image_size)
+        new = MixresVisionConfig.from_encoder(tower.encoder, image_size)
+        if not new.on_grid:
+            raise UnsupportedModelError(f"image_size {image_size} gives a token grid {new.feature_grid} that does not divide it")
+        family.check(model, new)
+    except MixresError as err:
+        raise RecipeError(f"cannot read the model at image_size={image_size}: {err}") from None
+    tower.encoder.image_size = (image_size, image_size)
+    new.encoder = dict(new.encoder, image_size=image_size) if "image_size" in new.encoder else new.encoder
+    family.update_config(model.config, new, old_tile)
+    model.model.config = model.config  # as mrify: the inner model shares the outer config
+    family.update_model(model, new)
+    tower.config, tower.patch_size = new, new.patch_size
+    family.update_processor(processor, new, old_tile)
+    return int(new.num_image_tokens)
 
 
 def _base(base_model: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
