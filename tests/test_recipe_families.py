@@ -19,6 +19,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from mixres.integrations.hf import generate, load_pretrained  # noqa: E402
 from mixres.integrations.llava import train as recipe  # noqa: E402
+from mixres.integrations.llava.data import LlavaDataError  # noqa: E402
 from mixres.integrations.llava.families import (  # noqa: E402
     FAMILY_RECIPES,
     build_family_model,
@@ -230,3 +231,18 @@ def test_changing_the_image_size_equals_mrify_at_that_size(base, data):
         assert getattr(resized.config.vision_config, key) == getattr(fresh.config.vision_config, key), key
     with pytest.raises(RecipeError, match="cannot read the model at image_size=100"):
         set_family_image_size(resized, processor, 100)
+
+
+def test_a_sample_too_long_once_expanded_is_raised_or_skipped(data):
+    args = recipe.parse_args(["--recipe", "tiny-family-stage1", "--base_model", "idefics3-tiny", "--output_dir", "unused",
+                              "--data_path", str(data["train"]), "--image_folder", str(data["root"]), *FAST])[0]
+    model, processor = build_family_model(args)
+    records = json.loads(data["train"].read_text())
+    text_only = next(r for r in records if not r.get("image"))
+    args.max_length = 60  # a text-only sample fits; 17 tiles of 4 image tokens each do not
+    strict = family_dataset(args, processor, family_recipe(model), [records[0], text_only])
+    with pytest.raises(LlavaDataError, match=r"train-000000.*exceed max_length=60"):
+        strict[0]
+    args.on_error = "skip"
+    lenient = family_dataset(args, processor, family_recipe(model), [records[0], text_only])
+    assert lenient[0]["id"] == text_only["id"] and lenient.skipped_ids == [records[0]["id"]]

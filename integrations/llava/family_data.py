@@ -30,7 +30,7 @@ import torch
 
 from mixres.errors import MixresError
 
-from .data import IGNORE_INDEX, LlavaDataError, LlavaDataset, _labels, _load_records, to_rgb
+from .data import IGNORE_INDEX, LlavaDataError, LlavaDataset, _labels, _load_records, _UnreadableImage, to_rgb
 from .templates import Rendered, TemplateError, conversation_pairs
 
 __all__ = ["render_conversation", "align_labels", "FamilyDataset", "FamilyCollator", "TOKEN_KEYS"]
@@ -169,13 +169,15 @@ class FamilyDataset(LlavaDataset):
             kwargs["images"] = [[image]] if self.nested_images else [image]
         out = self.processor(text=[rendered.text], add_special_tokens=False, return_tensors="pt", **kwargs)
         ids = out["input_ids"][0]
+        # a sample found bad only when loaded goes the way of an unreadable image: raised, or skipped
+        # and replaced by the next one with on_error="skip" (LlavaDataset.__getitem__)
         try:
             labels = align_labels(plain["input_ids"], plain_labels, ids.tolist())
         except MixresError as err:
-            raise LlavaDataError(f"sample {self._id(i)!r}: {err}") from None
+            raise _UnreadableImage(str(err)) from None
         if len(ids) > self.max_length:
-            raise LlavaDataError(f"sample {self._id(i)!r}: {len(ids)} tokens (image tokens included) exceed max_length="
-                                 f"{self.max_length}; raise max_length or drop the sample (samples are never truncated)")
+            raise _UnreadableImage(f"{len(ids)} tokens (image tokens included) exceed max_length={self.max_length}; "
+                                   "raise max_length or drop the sample (samples are never truncated)")
         token_inputs = {k: out[k][0] for k in TOKEN_KEYS if k in out}
         image_inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *TOKEN_KEYS)}
         return {"input_ids": ids, "labels": torch.tensor(labels), "has_image": bool(kwargs), "id": self._id(i),
