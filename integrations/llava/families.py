@@ -307,6 +307,10 @@ def prepare_processor(model: Any, processor: Any, spec: FamilyRecipe,
     - the LLM's embeddings grow to the tokenizer (new rows: transformers' mean-resizing);
     - generation stops at the end-of-turn token too.
     """
+    from jinja2 import TemplateError as JinjaError
+
+    from mixres.errors import MixresError
+
     from .family_data import render_conversation
 
     tokenizer = processor.tokenizer
@@ -321,8 +325,8 @@ def prepare_processor(model: Any, processor: Any, spec: FamilyRecipe,
         for turns in conversations:
             try:
                 texts.append(render_conversation(turns, processor).text)
-            except Exception:  # a bad sample is the dataset's to report (with its id), not the vocabulary's
-                continue
+            except (MixresError, JinjaError, TypeError, KeyError, AttributeError):
+                continue  # a bad sample is the dataset's to report (with its id), not the vocabulary's
         extend_word_level(tokenizer, texts)
     embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
