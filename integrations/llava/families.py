@@ -1,0 +1,372 @@
+"""The recipe on today's MLLM families: start from an HF MLLM, mrify it, train it with its own chat template.
+
+``base_model`` in a recipe names where a family model comes from: a tiny random one
+(``onevision-tiny``, ``gemma3-tiny``, ``idefics3-tiny``, ``smolvlm-tiny``, from
+:mod:`mixres.integrations.hf.tiny_families`) or a local ``save_pretrained`` directory of a
+``LlavaOnevisionForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+``Idefics3ForConditionalGeneration`` or ``SmolVLMForConditionalGeneration``. The model is
+mrified (:func:`~mixres.integrations.hf.mrify`, with the recipe's ``image_size`` and ``mrify``
+arguments) and trained as the LLaVA recipe trains (:mod:`.family_train`); the family's own
+processor expands the image tokens and its chat template formats the LLaVA-format conversations
+(:mod:`.family_data`). A later stage starts from an earlier one's output with ``model: DIR``.
+
+Everything that differs between families is one row of :data:`FAMILY_RECIPES` (a
+:class:`FamilyRecipe`): where the ViT, projector and LLM sit in the model, the chat template used
+when the processor carries none (written from the family's own format), the tokens that
+template writes, and the tiny builder. A new family (Qwen2.5-VL, say) is one more row, once
+:func:`~mixres.integrations.hf.mrify` takes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..hf import tiny_families
+from .recipe import RecipeArguments, RecipeError
+
+__all__ = ["FamilyRecipe", "FAMILY_RECIPES", "TINY_BASES", "family_recipe", "family_parts", "is_family_directory", "llm_module",
+           "is_family_model", "build_family_model", "set_family_image_size", "prepare_processor", "ONEVISION_TEMPLATE", "GEMMA3_TEMPLATE",
+           "IDEFICS3_TEMPLATE", "SMOLVLM_TEMPLATE"]
+
+# The chat templates, written from each family's own format (used when a processor carries none,
+# as the tiny ones do). HF's chat-template renderer trims the newline after a block tag, so every
+# newline is an expression. Content is a string, or a list of {"type": "image"} / {"type": "text"}.
+_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ IMAGE }}"
+            "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}")
+#: LLaVA-OneVision (Qwen2's ChatML): ``<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n``
+ONEVISION_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+                      + _CONTENT.replace("{{ IMAGE }}", "{{ '<image>\\n' }}")
+                      + "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+#: Gemma 3: ``<bos><start_of_turn>user\n<start_of_image>Q<end_of_turn>\n<start_of_turn>model\nA<end_of_turn>\n``
+GEMMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                   "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+                   + _CONTENT.replace("{{ IMAGE }}", "{{ '<start_of_image>' }}")
+                   + "{{ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+#: Idefics3: ``<|begin_of_text|>User:<image>Q<end_of_utterance>\nAssistant: A<end_of_utterance>\n``
+IDEFICS3_TEMPLATE = ("{{ '<|begin_of_text|>' }}{% for message in messages %}{{ message['role'] | capitalize }}"
+                     "{% if message['content'] is string or message['content'][0]['type'] != 'image' %}{{ ': ' }}"
+                     "{% else %}{{ ':' }}{% endif %}" + _CONTENT.replace("{{ IMAGE }}", "{{ '<image>' }}")
+                     + "{{ '<end_of_utterance>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+#: SmolVLM: as Idefics3, opened by ``<|im_start|>`` (transformers' ``DEFAULT_CHAT_TEMPLATE`` of SmolVLM)
+SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>")
+
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """What the recipe needs to know about one MLLM family (one row of :data:`FAMILY_RECIPES`).
+
+    Attributes:
+        name: the family's name in :mod:`mixres.integrations.hf.families` (``find_family(model).name``).
+        chat_template: the Jinja chat template set on a processor that carries none.
+        template_tokens: the tokens that template writes, added as special tokens to a tokenizer
+            that lacks them (the tiny ones), so each stays one token.
+        end_of_turn: the token that ends an answer: labels stop there, generation stops there.
+        tiny: builds the tiny random ``(model, processor)`` of ``base_model: <name>-tiny``.
+        vision: attribute of ``model.model`` holding the ViT (after mrify: the mixres tower).
+        projector: attributes of ``model.model`` that are the ``projector`` part.
+        llm: attribute of ``model.model`` holding the LLM's decoder (``lm_head`` joins it).
+        model_types: the ``config.json`` ``model_type`` values of the family (before and after
+            mrify), by which ``model: DIR`` is recognised as a family model.
+    """
+
+    name: str
+    chat_template: str
+    template_tokens: tuple[str, ...]
+    end_of_turn: str
+    tiny: Callable[[], tuple[Any, Any]]
+    vision: str = "vision_tower"
+    projector: tuple[str, ...] = ("multi_modal_projector",)
+    llm: str = "language_model"
+    model_types: tuple[str, ...] = ()
+
+
+FAMILY_RECIPES: dict[str, FamilyRecipe] = {f.name: f for f in (
+    FamilyRecipe("llava_onevision", ONEVISION_TEMPLATE, ("<|im_start|>", "<|im_end|>"), "<|im_end|>",
+                 tiny_families.tiny_llava_onevision, projector=("multi_modal_projector", "image_newline"),
+                 model_types=("llava_onevision",)),
+    FamilyRecipe("gemma3", GEMMA3_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>",
+                 partial(tiny_families.tiny_gemma3, sliding_window=512), model_types=("gemma3",)),
+    FamilyRecipe("idefics3", IDEFICS3_TEMPLATE, ("<|begin_of_text|>", "<end_of_utterance>"), "<end_of_utterance>",
+                 tiny_families.tiny_idefics3, vision="vision_model", projector=("connector",), llm="text_model",
+                 model_types=("idefics3", "mixres_idefics3")),
+    FamilyRecipe("smolvlm", SMOLVLM_TEMPLATE, ("<|im_start|>", "<end_of_utterance>"), "<end_of_utterance>",
+                 tiny_families.tiny_smolvlm, vision="vision_model", projector=("connector",), llm="text_model",
+                 model_types=("smolvlm", "mixres_smolvlm")),
+)}
+#: ``base_model`` names of the tiny random models
+TINY_BASES: dict[str, str] = {"onevision-tiny": "llava_onevision", "gemma3-tiny": "gemma3", "idefics3-tiny": "idefics3",
+                              "smolvlm-tiny": "smolvlm"}
+
+
+def is_family_directory(path: str | None) -> bool:
+    """Whether ``path`` is a local model directory whose ``config.json`` names a family of :data:`FAMILY_RECIPES`."""
+    config = Path(path).expanduser() / "config.json" if path else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # the LLaVA loader reports a bad config.json
+    return any(model_type in f.model_types for f in FAMILY_RECIPES.values())
+
+
+def family_recipe(model: Any) -> FamilyRecipe | None:
+    """The :class:`FamilyRecipe` of ``model``, or ``None`` for a model the LLaVA recipe builds."""
+    from ..hf.errors import UnsupportedModelError
+    from ..hf.families import find_family
+
+    try:
+        return FAMILY_RECIPES.get(find_family(model).name)
+    except UnsupportedModelError:
+        return None
+
+
+def is_family_model(model: Any) -> bool:
+    """Whether ``model`` is one of :data:`FAMILY_RECIPES`' families (not the recipe's own LLaVA)."""
+    return family_recipe(model) is not None
+
+
+def _named(prefix: str, module: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    if isinstance(module, torch.nn.Parameter):
+        return [(prefix, module)]
+    return list(module.named_parameters(prefix=prefix))
+
+
+def family_parts(model: Any) -> dict[str, list[tuple[str, torch.nn.Parameter]]] | None:
+    """The named parameters of each part of a family model (``None`` for another model).
+
+    The encoder's own parts (``token_pathway``, ``map_pathway``, ``adapters``, ...), then
+    ``projector`` (the family's projector-side modules: OneVision's ``image_newline`` too) and
+    ``llm`` (the decoder and ``lm_head``), as :func:`~.stages.model_parts` gives them for LLaVA.
+    """
+    spec = family_recipe(model)
+    if spec is None:
+        return None
+    inner = model.model
+    encoder = getattr(inner, spec.vision).encoder
+    out = {name: _named(name, part) for name, part in encoder.parts().items()}
+    out["projector"] = [p for attr in spec.projector for p in _named(f"projector.{attr}", getattr(inner, attr))]
+    out["llm"] = [*_named(spec.llm, getattr(inner, spec.llm)), *_named("lm_head", model.lm_head)]
+    return out
+
+
+def llm_module(model: Any) -> torch.nn.Module:
+    """The LLM's decoder of ``model`` (a family model or the recipe's LLaVA)."""
+    spec = family_recipe(model)
+    return getattr(model.model, spec.llm if spec is not None else "language_model")
+
+
+def mrify_kwargs(recipe: RecipeArguments) -> dict[str, Any]:
+    """``recipe.mrify`` (a JSON object of :func:`~mixres.integrations.hf.mrify` arguments) as a dict."""
+    if not recipe.mrify:
+        return {}
+    try:
+        value = json.loads(recipe.mrify)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"mrify has to be a JSON object of mrify() arguments, but {recipe.mrify!r} is not JSON: {err}") from None
+    allowed = {"map_pathway", "fusion", "positions", "final_fusion"}
+    if not isinstance(value, dict) or set(value) - allowed:
+        raise RecipeError(f"mrify has to be a JSON object with keys among {sorted(allowed)} (image_size is the "
+                          f"recipe's own), but got {recipe.mrify!r}")
+    return value
+
+
+def _load_directory(path: str, dtype: torch.dtype, what: str) -> tuple[Any, Any]:
+    from ..hf.errors import ModelPathError
+    from ..hf.inference import load_pretrained
+
+    try:
+        model, processor = load_pretrained(path, dtype=dtype)
+    except ModelPathError as err:
+        raise RecipeError(f"{what} {path!r}: {err}") from None
+    return model.train(), processor
+
+
+def build_family_model(recipe: RecipeArguments, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, processor)`` of a family recipe, mrified and ready to train.
+
+    ``recipe.model`` (a previous stage's ``output_dir``) is loaded as saved (read at
+    ``recipe.image_size`` when it names another size: :func:`set_family_image_size`); otherwise
+    ``recipe.base_model`` (a :data:`TINY_BASES` name or a local directory) is built or loaded and
+    mrified at ``recipe.image_size`` with ``recipe.mrify``'s arguments. The processor is then
+    prepared for the data (:func:`prepare_processor`).
+
+    Raises:
+        RecipeError: an unknown ``base_model``, a directory that holds no supported family,
+            a ``model`` that is not mrified, or no ``image_size`` for a new model.
+    """
+    from ..hf import MixresVisionModel, mrify
+
+    if recipe.model:
+        model, processor = _load_directory(recipe.model, dtype, "model")
+        spec = family_recipe(model)
+        if spec is None or not isinstance(getattr(model.model, spec.vision, None), MixresVisionModel):
+            raise RecipeError(f"model {recipe.model!r} is no mrified model of {sorted(FAMILY_RECIPES)}; start from "
+                              "base_model instead (it is mrified there)")
+        if recipe.image_size is not None and recipe.image_size != int(model.config.vision_config.image_size):
+            set_family_image_size(model, processor, recipe.image_size)  # e.g. LLaVA-HR: low res, then high res
+    else:
+        model, processor = _base(recipe.base_model, dtype)
+        if recipe.image_size is None:
+            raise RecipeError("a family recipe needs image_size: the side R each image (tile) is read at by mrify")
+        model, processor = mrify(model, image_size=recipe.image_size, processor=processor, **mrify_kwargs(recipe))
+        spec = family_recipe(model)
+    prepare_processor(model, processor, spec, _data_texts(recipe))
+    return model.train(), processor
+
+
+def set_family_image_size(model: Any, processor: Any, image_size: int) -> int:
+    """Make a mrified family model and its processor read ``image_size`` px per image (tile); returns
+    the LLM tokens per image (tile).
+
+    What :func:`~mixres.integrations.hf.mrify` sets at the end, again for the new size: the tower
+    config, the family's config / modules (OneVision's pinpoints, Gemma 3's pooled count, Idefics3's
+    per-tile count) and the processor's sizes and ``<image>`` expansion. The weights are untouched.
+
+    Raises:
+        RecipeError: a size the map pathway's stride, the token grid or the family's own
+            reduction does not divide.
+    """
+    from mixres.errors import MixresError
+
+    from ..hf.errors import UnsupportedModelError
+    from ..hf.families import find_family
+    from ..hf.modeling import MixresVisionConfig
+
+    family, spec = find_family(model), family_recipe(model)
+    tower = getattr(model.model, spec.vision)
+    old_tile = int(tower.config.image_size)
+    try:
+        tower.encoder.check_image_size(image_size)
+        new = MixresVisionConfig.from_encoder(tower.encoder, image_size)
+        if not new.on_grid:
+            raise UnsupportedModelError(f"image_size {image_size} gives a token grid {new.feature_grid} that does not divide it")
+        family.check(model, new)
+    except MixresError as err:
+        raise RecipeError(f"cannot read the model at image_size={image_size}: {err}") from None
+    tower.encoder.image_size = (image_size, image_size)
+    new.encoder = dict(new.encoder, image_size=image_size) if "image_size" in new.encoder else new.encoder
+    family.update_config(model.config, new, old_tile)
+    model.model.config = model.config  # as mrify: the inner model shares the outer config
+    family.update_model(model, new)
+    tower.config, tower.patch_size = new, new.patch_size
+    family.update_processor(processor, new, old_tile)
+    return int(new.num_image_tokens)
+
+
+def _base(base_model: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
+    if base_model in TINY_BASES:
+        spec = FAMILY_RECIPES[TINY_BASES[base_model]]
+        if spec.name == "smolvlm":
+            _needs_num2words()
+        model, processor = spec.tiny()
+        return model.to(dtype).train(), processor
+    if not base_model or not Path(base_model).expanduser().is_dir():
+        raise RecipeError(f"base_model has to be one of {sorted(TINY_BASES)} or a local save_pretrained directory of "
+                          f"an HF MLLM ({sorted(FAMILY_RECIPES)}), but got {base_model!r} (nothing is downloaded)")
+    model, processor = _load_directory(base_model, dtype, "base_model")
+    if family_recipe(model) is None:
+        raise RecipeError(f"base_model {base_model!r} holds a {type(model).__name__}; the family recipe takes "
+                          f"{sorted(FAMILY_RECIPES)} (a LLaVA-1.5 model: use the LLaVA recipe's model / llm)")
+    return model, processor
+
+
+def _needs_num2words() -> None:
+    try:
+        import num2words  # noqa: F401  (SmolVLMProcessor imports it)
+    except ImportError:
+        raise ImportError("smolvlm-tiny needs the num2words package (SmolVLMProcessor imports it): "
+                          "pip install num2words") from None
+
+
+def _data_texts(recipe: RecipeArguments) -> list[list[Mapping[str, Any]]]:
+    convs = []
+    for path in (recipe.data_path, recipe.eval_data_path, recipe.vocab_data):
+        if path is not None and Path(path).is_file():
+            records = json.loads(Path(path).read_text())
+            convs += [r["conversations"] for r in records if isinstance(r, Mapping) and isinstance(r.get("conversations"), list)]
+    return convs
+
+
+def prepare_processor(model: Any, processor: Any, spec: FamilyRecipe,
+                      conversations: Sequence[Sequence[Mapping[str, Any]]] = ()) -> None:
+    """Make ``processor`` (and ``model``'s embeddings) ready for the recipe's data, in place.
+
+    - no chat template: the family's (:attr:`FamilyRecipe.chat_template`) is set;
+    - the template's tokens the tokenizer lacks are added as special tokens;
+    - a word-level tokenizer (the tiny models') is made lossless (whitespace characters are
+      tokens, decoding concatenates) and learns the words of ``conversations`` as rendered;
+    - the LLM's embeddings grow to the tokenizer (new rows: transformers' mean-resizing);
+    - generation stops at the end-of-turn token too.
+    """
+    from jinja2 import TemplateError as JinjaError
+
+    from mixres.errors import MixresError
+
+    from .family_data import render_conversation
+
+    tokenizer = processor.tokenizer
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = spec.chat_template
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in spec.template_tokens if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if _is_word_level(tokenizer):
+        texts = []
+        for turns in conversations:
+            try:
+                texts.append(render_conversation(turns, processor).text)
+            except (MixresError, JinjaError, TypeError, KeyError, AttributeError):
+                continue  # a bad sample is the dataset's to report (with its id), not the vocabulary's
+        extend_word_level(tokenizer, texts)
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    stop = tokenizer.convert_tokens_to_ids(spec.end_of_turn)
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    model.generation_config.eos_token_id = sorted({*eos, stop})
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _is_word_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordLevel"
+
+
+def extend_word_level(tokenizer: Any, texts: Sequence[str]) -> int:
+    """Make a word-level tokenizer lossless over ``texts`` (in place); returns the words added.
+
+    Pieces are whitespace characters, words (with inner hyphens) and single other characters;
+    those of ``texts`` not in the vocabulary get new ids after the existing ones (every existing
+    id is kept: the model's image-token ids stay valid). Decoding concatenates the pieces, so
+    ``decode(encode(text)) == text``.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|[\w-]+|[^\w\s]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer.clean_up_tokenization_spaces = False
+    vocab = backend.get_vocab(with_added_tokens=True)
+    unk = vocab.get(tokenizer.unk_token)
+    new: list[str] = [p for p in (" ", "\n", "\t") if p not in vocab]
+    for text in texts:
+        enc = backend.encode(text, add_special_tokens=False)
+        new += [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk and text[a:b] != tokenizer.unk_token]
+    new = list(dict.fromkeys(new))
+    if new:
+        start = max(vocab.values()) + 1
+        vocab.update({w: start + k for k, w in enumerate(new)})
+        backend.model = models.WordLevel(vocab, unk_token=tokenizer.unk_token)
+    return len(new)
