@@ -1,0 +1,194 @@
+"""Qwen2.5-VL in mixres: the packed ``hf_qwen2_5_vl`` pathway, the packed encoder, and mrify (tiny, random, CPU)."""
+
+import copy
+
+import pytest
+import torch
+from einops import rearrange, repeat
+
+pytest.importorskip("transformers")
+
+import mixres  # noqa: E402
+from mixres.encoders.packed import PackedDualPathwayEncoder  # noqa: E402
+from mixres.errors import ShapeError  # noqa: E402
+from mixres.integrations.hf import UnsupportedModelError, generate, load_pretrained, mrify  # noqa: E402
+from mixres.integrations.hf.qwen_processor import high_res_size, pack_high_res  # noqa: E402
+from mixres.integrations.hf.tiny import tiny_llava  # noqa: E402
+from mixres.integrations.hf.tiny_qwen import PROMPT, TINY_QWEN_VISION, tiny_qwen2_5_vl  # noqa: E402
+from mixres.pathways.hf_qwen2_5_vl import patchify  # noqa: E402
+
+MAP = {"name": "timm_map", "model_name": "convnext_atto", "out_indices": [-1]}
+SIZES = [(56, 84), (112, 56), (84, 112)]  # ViT views (multiples of 28): grids 4x6, 8x4, 6x8
+
+
+def _packed(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(1, 3, *s, generator=g) for s in sizes]
+    thw = torch.tensor([[1, h // 14, w // 14] for h, w in sizes])
+    return images, torch.cat([patchify(i) for i in images]), thw
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return mixres.create_pathway("hf_qwen2_5_vl", config=TINY_QWEN_VISION).eval()
+
+
+# --- the pathway -------------------------------------------------------------------------------
+
+
+def test_pathway_equals_qwens_own_vision_model_on_a_packed_batch(vit):
+    _, patches, thw = _packed(SIZES)
+    with torch.no_grad():
+        x, layout = vit(patches, thw)
+        theirs = vit.model(patches, grid_thw=thw)
+        merged = vit.merge(x, layout)
+    # the same modules called in the same order on the same tensors: only kernel choice could differ
+    torch.testing.assert_close(x, theirs.last_hidden_state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged, theirs.pooler_output, rtol=0, atol=1e-6)
+    assert layout.grids == ((4, 6), (8, 4), (6, 8)) and merged.shape == (sum(h * w for h, w in layout.grids) // 4, 32)
+
+
+def test_block_slices_equal_one_call(vit):
+    _, patches, thw = _packed(SIZES[:2])
+    with torch.no_grad():
+        x, layout = vit.embed(patches, thw)
+        stepwise = vit.run_blocks(vit.run_blocks(x, 0, 1, layout), 1, 4, layout)
+        whole, _ = vit(patches, thw)
+    torch.testing.assert_close(stepwise, whole, rtol=0, atol=0)  # the same calls in the same order
+
+
+def test_to_grids_gives_each_image_its_raster_grid(vit):
+    images, patches, thw = _packed(SIZES)
+    with torch.no_grad():
+        x, layout = vit.embed(patches, thw)  # patch embeddings, window-permuted
+        grids = vit.to_grids(x, layout)
+        weight = vit.model.patch_embed.proj.weight
+        for image, tokens, (h, w) in zip(images, grids, layout.grids):
+            # independent reference: the Conv3d on the 2-frame image itself, read in raster order
+            direct = torch.nn.functional.conv3d(repeat(image, "b c h w -> b c t h w", t=2), weight, stride=(2, 14, 14))
+            torch.testing.assert_close(tokens, rearrange(direct, "b c t h w -> b (t h w) c"), rtol=0, atol=1e-5)
+    assert torch.equal(vit.from_grids(grids, layout), x)  # scatter is the inverse of gather (index ops)
+    coords = layout.token_coords()
+    assert coords.shape == (x.shape[0], 3) and len({tuple(c) for c in coords.tolist()}) == x.shape[0]
+
+
+def test_pathway_refuses_bad_packing(vit):
+    _, patches, thw = _packed(SIZES[:1])
+    with pytest.raises(ShapeError, match="holds 24 patches"):
+        vit.embed(patches[:-4], thw)
+    with pytest.raises(ShapeError, match=r"Tensor\[S, 1176\]"):
+        vit.embed(patches[:, :100], thw)
+
+
+# --- the packed encoder ------------------------------------------------------------------------
+
+
+def _views(sizes, scale=32 / 14, stride=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 3, *high_res_size(s, scale, stride), generator=g) for s in sizes]
+
+
+def test_zero_init_encoder_equals_the_source(vit):
+    encoder = PackedDualPathwayEncoder(copy.deepcopy(vit), MAP, [{"after_block": k, "fusion": {"name": "mr_adapter"}} for k in (1, 2, 3)]).eval()
+    _, patches, thw = _packed(SIZES)
+    with torch.no_grad():
+        x, layout = encoder(patches, thw, _views(SIZES))
+        theirs = vit.model(patches, grid_thw=thw)
+    # zero-init adapters return their input exactly and gather / scatter are index ops
+    torch.testing.assert_close(x, theirs.last_hidden_state, rtol=0, atol=1e-6)
+    assert PackedDualPathwayEncoder(**encoder.config).config == encoder.config
+    with pytest.raises(ShapeError, match="one Tensor"):
+        encoder(patches, thw, _views(SIZES[:2]))
+
+
+# --- mrify -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model, processor = tiny_qwen2_5_vl()
+    original = copy.deepcopy(model)
+    mr_model, mr_processor = mrify(model, map_pathway=MAP, processor=processor)
+    return original, processor, mr_model.eval(), mr_processor
+
+
+def _images(seed, sizes=((60, 90), (200, 90))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, *s), generator=g, dtype=torch.uint8) for s in sizes]
+
+
+def _inputs(processor, images):
+    processor.tokenizer.padding_side = "left"
+    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+
+
+def test_vit_weights_kept_and_llm_and_merger_untouched(pair):
+    original, _, mr_model, _ = pair
+    vit = original.model.visual.state_dict()
+    ours = mr_model.model.visual.encoder.token_pathway.model.state_dict()
+    assert set(ours) == set(vit) and all(torch.equal(ours[k], vit[k]) for k in vit)  # every key, merger included
+    mine = mr_model.state_dict()
+    rest = {k: v for k, v in original.state_dict().items() if not k.startswith("model.visual.")}
+    assert rest and all(torch.equal(mine[k], v) for k, v in rest.items())
+    assert type(mr_model).__name__ == "MixresQwen2_5_VLForConditionalGeneration"
+
+
+def test_zero_init_logits_equal_the_original_on_the_low_res_view(pair):
+    original, processor, mr_model, mr_processor = pair
+    images = _images(0)
+    inputs = _inputs(mr_processor, images)
+    theirs = _inputs(processor, images)
+    assert all(torch.equal(inputs[k], theirs[k]) for k in theirs)  # the ViT view and the prompt are Qwen's own
+    with torch.no_grad():
+        torch.testing.assert_close(mr_model(**inputs).logits, original(**theirs).logits, rtol=0, atol=1e-5)
+
+
+def test_perturbed_adapters_let_the_high_res_view_change_the_logits(pair):
+    original, processor, mr_model, mr_processor = pair
+    model = copy.deepcopy(mr_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.visual.encoder.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        inputs = _inputs(mr_processor, _images(0))
+        base = model(**inputs).logits
+        assert (base - original(**_inputs(processor, _images(0))).logits).abs().max() > 1e-3
+        other = dict(inputs, high_res_pixel_values=torch.randn_like(inputs["high_res_pixel_values"]))
+        assert (model(**other).logits - base).abs().max() > 1e-4  # only the high-res view differs
+
+
+def test_image_and_high_res_arguments_are_checked(pair):
+    _, _, mr_model, mr_processor = pair
+    inputs = _inputs(mr_processor, _images(0))
+    inputs.pop("high_res_pixel_values")
+    with pytest.raises(UnsupportedModelError, match="high_res_pixel_values"):
+        mr_model(**inputs)
+    with pytest.raises(UnsupportedModelError, match="not image_size"):
+        mrify(tiny_qwen2_5_vl()[0], map_pathway=MAP, image_size=1024)
+    with pytest.raises(UnsupportedModelError, match="high_res_scale is for Qwen"):
+        mrify(tiny_llava()[0], map_pathway=MAP, image_size=64, high_res_scale=2)
+    with pytest.raises(UnsupportedModelError, match="mrified already|not mrified yet"):
+        mrify(copy.deepcopy(mr_model), map_pathway=MAP)
+
+
+def test_save_load_round_trip_and_generate(pair, tmp_path):
+    _, _, mr_model, mr_processor = pair
+    model = copy.deepcopy(mr_model)
+    with torch.no_grad():
+        for p in model.model.visual.encoder.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(tmp_path)
+    mr_processor.save_pretrained(tmp_path)
+    again, processor = load_pretrained(tmp_path)
+    images = _images(3)
+    inputs, reloaded = _inputs(mr_processor, images), _inputs(processor, images)
+    assert all(torch.equal(inputs[k], reloaded[k]) for k in inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**reloaded).logits, model.eval()(**inputs).logits, rtol=0, atol=0)  # same weights, same ops
+    out = again.generate(**reloaded, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, reloaded["input_ids"].shape[1] + 3)
+    from PIL import Image
+
+    answers = generate(again, processor, [Image.new("RGB", (90, 60), "red")], [PROMPT], max_new_tokens=3)
+    assert len(answers) == 1 and isinstance(answers[0], str)
