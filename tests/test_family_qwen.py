@@ -69,8 +69,7 @@ def test_to_grids_gives_each_image_its_raster_grid(vit):
             direct = torch.nn.functional.conv3d(repeat(image, "b c h w -> b c t h w", t=2), weight, stride=(2, 14, 14))
             torch.testing.assert_close(tokens, rearrange(direct, "b c t h w -> b (t h w) c"), rtol=0, atol=1e-5)
     assert torch.equal(vit.from_grids(grids, layout), x)  # scatter is the inverse of gather (index ops)
-    coords = layout.token_coords()
-    assert coords.shape == (x.shape[0], 3) and len({tuple(c) for c in coords.tolist()}) == x.shape[0]
+    assert torch.equal(layout.token_coords(), _qwen_coords(thw, layout.window_index))
 
 
 def test_pathway_refuses_bad_packing(vit):
@@ -192,3 +191,109 @@ def test_save_load_round_trip_and_generate(pair, tmp_path):
 
     answers = generate(again, processor, [Image.new("RGB", (90, 60), "red")], [PROMPT], max_new_tokens=3)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+# --- the marker test: each image's adapter sees its own (h, w) grid ----------------------------
+
+
+def _qwen_coords(thw, window_index):
+    """(image, row, col) of each stream position as Qwen's own code knows it, independent of our
+    raster indices: its rotary position ids, permuted by its window index as its forward does."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    rows_cols = rearrange(get_vision_position_ids(thw, 2), "(u m) c -> u m c", m=4)[window_index].reshape(-1, 2)
+    image = torch.repeat_interleave(torch.arange(len(thw)), thw.prod(-1))  # windows stay inside their image
+    return torch.cat([image[:, None], rows_cols], dim=1)
+
+
+def _high_term(encoder, patches, thw, views):
+    """The first adapter's high-res term g * f_h(F_h) per token, in the ViT's own (window) order."""
+    tp, adapter = encoder.token_pathway, encoder.adapters[0]
+    maps = encoder.run_maps(views)
+    x, layout = tp.embed(patches, thw)
+    x = tp.run_blocks(x, 0, encoder.points[0][0], layout)
+    terms = []
+    for tokens, grid, stages in zip(tp.to_grids(x, layout), layout.grids, maps):
+        high = adapter.high_branch(stages[-1], grid)
+        terms.append(adapter.gate_value(adapter.low_branch(tokens, grid), high) * high)
+    return tp.from_grids(terms, layout), layout
+
+
+@pytest.fixture(scope="module", params=[32 / 14, 3.0], ids=["map-grid-is-vit-grid", "map-finer"])
+def perturbed(request):
+    model, _ = mrify(tiny_qwen2_5_vl()[0], map_pathway=MAP, high_res_scale=request.param)
+    encoder = model.model.visual.encoder.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in encoder.adapters.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)  # a trained-looking adapter: no zero branch, a non-zero gate
+    return encoder, request.param
+
+
+# window orders that differ from the processor's in every image (LLM grids 2x3, 4x3, 3x4), and thin images
+@pytest.mark.parametrize("sizes", [[(56, 84), (112, 84), (84, 112)], [(84, 84), (56, 112)], [(28, 140), (140, 28)]])
+def test_a_marker_in_one_region_peaks_at_that_token_of_each_image(sizes, perturbed):
+    encoder, scale = perturbed
+    _, patches, thw = _packed(sizes)
+    blank = [torch.zeros(1, 3, *high_res_size(s, scale, 32)) for s in sizes]
+    with torch.no_grad():
+        plain, layout = _high_term(encoder, patches, thw, blank)
+    coords = _qwen_coords(thw, layout.window_index)  # the ViT's own (image, row, col) of each stream position
+    g = torch.Generator().manual_seed(len(sizes))
+    for _ in range(2):  # two marker positions per image
+        marked, where = [], []
+        for view, (h, w) in zip(blank, (t[1:].tolist() for t in thw)):
+            r, c = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
+            height, width = view.shape[-2:]  # the pixels of token (r, c) in the high-res view
+            view = view.clone()
+            view[..., r * height // h:(r + 1) * height // h, c * width // w:(c + 1) * width // w] = 4.0
+            marked.append(view)
+            where.append((r, c))
+        with torch.no_grad():
+            term, _ = _high_term(encoder, patches, thw, marked)
+        for i, spot in enumerate(where):
+            mine = (coords[:, 0] == i).nonzero().flatten()
+            for norm in (term.norm(dim=-1), (term - plain).norm(dim=-1)):  # the term, and what the marker changed
+                peak = mine[norm[mine].argmax()]
+                assert tuple(coords[peak, 1:].tolist()) == spot, f"image {i}: peak at {coords[peak].tolist()}, marker at {spot}"
+
+
+# --- <|image_pad|> counts == features, for random sizes and budgets ------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+def _count_check(pair, height, width, low, high):
+    _, _, model, processor = pair
+    processor = copy.deepcopy(processor)
+    from transformers.image_utils import SizeDict
+
+    processor.image_processor.size = SizeDict(shortest_edge=low, longest_edge=max(low, high))
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(height * width))
+    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                  inputs["high_res_pixel_values"], inputs["high_res_grid"]).pooler_output
+    count = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert count == sum(f.shape[0] for f in features) == int(inputs["image_grid_thw"].prod()) // 4
+    vit_side = inputs["image_grid_thw"][0, 1:] * 14
+    assert inputs["high_res_grid"][0].tolist() == [s // 32 for s in high_res_size(tuple(vit_side.tolist()), 32 / 14, 32)]
+    assert (inputs["high_res_grid"][0] * 32 * 14 == vit_side * 32).all()  # k = 32/14: the CNN map is the ViT grid
+
+
+_SIZES = dict(height=st.integers(8, 700), width=st.integers(8, 700), low=st.integers(28 * 28, 112 * 112),
+              high=st.integers(28 * 28, 224 * 224))
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(**_SIZES)
+def test_image_token_counts_equal_the_features_quick(pair, height, width, low, high):
+    _count_check(pair, height, width, low, high)
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+@hypothesis.given(**_SIZES)
+def test_image_token_counts_equal_the_features_200_sizes(pair, height, width, low, high):
+    _count_check(pair, height, width, low, high)

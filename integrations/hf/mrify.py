@@ -169,7 +169,8 @@ def mrify(
         processor: the model's processor; a copy is returned with the new image size, padding,
             pinpoints and ``<image>`` expansion (``None``: none returned).
         high_res_scale: Qwen2.5-VL only: ``k``, the high-res view's sides over the ViT view's
-            (``None``: 2); the ViT view keeps the processor's ``min_pixels`` / ``max_pixels``.
+            (``None``: 32 / 14, LLaVA-HR's ratio: the CNN's map has the ViT's grid); the ViT view
+            keeps the processor's ``min_pixels`` / ``max_pixels``.
 
     Returns:
         ``(model, processor)``: the same model object, and the updated processor copy (or ``None``).

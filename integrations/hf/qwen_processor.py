@@ -98,7 +98,7 @@ class MixresQwen2VLImageProcessor(Qwen2VLImageProcessor):
 
     valid_kwargs = MixresQwen2VLImageProcessorKwargs
     model_input_names = ["pixel_values", "image_grid_thw", "high_res_pixel_values", "high_res_grid"]
-    high_res_scale = 2.0
+    high_res_scale = 32 / 14
     high_res_stride = 32
 
     def _preprocess(self, images: list[torch.Tensor], *, size: SizeDict, resample: Any, do_rescale: bool,

@@ -61,7 +61,7 @@ class MixresQwen2_5_VLVisionConfig(Qwen2_5_VLVisionConfig):
     model_type = "mixres_qwen2_5_vl_vision"
     base_config_key = "vision_config"
     encoder: dict | None = None
-    high_res_scale: float = 2.0
+    high_res_scale: float = 32 / 14
     high_res_stride: int = 32
 
     def __post_init__(self, **kwargs: Any) -> None:
