@@ -12,7 +12,7 @@ import mixres  # noqa: E402
 from mixres.encoders.packed import PackedDualPathwayEncoder  # noqa: E402
 from mixres.errors import ShapeError  # noqa: E402
 from mixres.integrations.hf import UnsupportedModelError, generate, load_pretrained, mrify  # noqa: E402
-from mixres.integrations.hf.qwen_processor import high_res_size, pack_high_res  # noqa: E402
+from mixres.integrations.hf.qwen_processor import high_res_size  # noqa: E402
 from mixres.integrations.hf.tiny import tiny_llava  # noqa: E402
 from mixres.integrations.hf.tiny_qwen import PROMPT, TINY_QWEN_VISION, tiny_qwen2_5_vl  # noqa: E402
 from mixres.pathways.hf_qwen2_5_vl import patchify  # noqa: E402
@@ -64,7 +64,7 @@ def test_to_grids_gives_each_image_its_raster_grid(vit):
         x, layout = vit.embed(patches, thw)  # patch embeddings, window-permuted
         grids = vit.to_grids(x, layout)
         weight = vit.model.patch_embed.proj.weight
-        for image, tokens, (h, w) in zip(images, grids, layout.grids):
+        for image, tokens in zip(images, grids):
             # independent reference: the Conv3d on the 2-frame image itself, read in raster order
             direct = torch.nn.functional.conv3d(repeat(image, "b c h w -> b c t h w", t=2), weight, stride=(2, 14, 14))
             torch.testing.assert_close(tokens, rearrange(direct, "b c t h w -> b (t h w) c"), rtol=0, atol=1e-5)

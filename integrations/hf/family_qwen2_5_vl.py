@@ -71,7 +71,7 @@ class Qwen2_5_VLFamily(Family):
             UnsupportedModelError: a tower that is not Qwen's ViT (e.g. mrified already), a bad ``high_res_scale``,
                 a final fusion that changes the width.
         """
-        from .mrify import _fusion_config, _final_fusion, default_positions, map_pathway_config
+        from .mrify import _final_fusion, _fusion_config, default_positions, map_pathway_config
 
         scale = _check_scale(DEFAULT_HIGH_RES_SCALE if high_res_scale is None else high_res_scale)
         tower = model.model.visual

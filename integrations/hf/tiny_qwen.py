@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,

@@ -39,7 +39,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -191,8 +191,9 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         still = bool((grid_thw[:, 0] == 1).all())
         grids = tuple((int(h), int(w)) for _, h, w in grid_thw.tolist())
         raster = raster_index(list(grids), window_index, self.merge_size).to(grid_thw.device) if still else None
-        positions = vision.get_vision_position_ids(grid_thw, m.spatial_merge_size)
-        freqs = m.rotary_pos_emb(torch.empty(0, device=grid_thw.device), positions)
+        device = m.patch_embed.proj.weight.device  # the rotary tables go where the blocks run
+        positions = vision.get_vision_position_ids(grid_thw, m.spatial_merge_size).to(device)
+        freqs = m.rotary_pos_emb(torch.empty(0, device=device), positions)
         seq_len = int(positions.shape[0])
         freqs = tuple(m.permute_input_for_window_attn(f, window_index, seq_len=seq_len) for f in freqs)
         return PackedLayout(grid_thw, grids, window_index, cu_seqlens, cu_window, max_seqlen, max_window, freqs,
