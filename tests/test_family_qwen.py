@@ -155,6 +155,11 @@ def test_perturbed_adapters_let_the_high_res_view_change_the_logits(pair):
         assert (base - original(**_inputs(processor, _images(0))).logits).abs().max() > 1e-3
         other = dict(inputs, high_res_pixel_values=torch.randn_like(inputs["high_res_pixel_values"]))
         assert (model(**other).logits - base).abs().max() > 1e-4  # only the high-res view differs
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()  # trains: the CNN and every adapter get gradients
+    encoder = model.model.visual.encoder
+    for part in (encoder.map_pathway, *encoder.adapters):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
 def test_image_and_high_res_arguments_are_checked(pair):

@@ -188,10 +188,10 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         window_index, cu_window = vision.get_vision_window_index(
             grid_thw, spatial_merge_size=m.spatial_merge_size, window_size=m.window_size, patch_size=m.patch_size)
         max_window = generic.get_max_seqlen(cu_window, cfg, kwarg_name="max_window_seqlen")
+        device = m.patch_embed.proj.weight.device  # the rotary tables and raster indices go where the blocks run
         still = bool((grid_thw[:, 0] == 1).all())
         grids = tuple((int(h), int(w)) for _, h, w in grid_thw.tolist())
-        raster = raster_index(list(grids), window_index, self.merge_size).to(grid_thw.device) if still else None
-        device = m.patch_embed.proj.weight.device  # the rotary tables go where the blocks run
+        raster = raster_index(list(grids), window_index, self.merge_size).to(device) if still else None
         positions = vision.get_vision_position_ids(grid_thw, m.spatial_merge_size).to(device)
         freqs = m.rotary_pos_emb(torch.empty(0, device=device), positions)
         seq_len = int(positions.shape[0])
