@@ -1,4 +1,5 @@
-"""Qwen2.5-VL in mixres: the packed ``hf_qwen2_5_vl`` pathway, the packed encoder, and mrify (tiny, random, CPU)."""
+"""Qwen2.5-VL and Qwen3-VL in mixres: the packed ``hf_qwen2_5_vl`` / ``hf_qwen3_vl`` pathways, the packed
+encoder, and mrify (tiny, random, CPU). Every test runs for both families."""
 
 import copy
 
@@ -14,31 +15,38 @@ from mixres.errors import ShapeError  # noqa: E402
 from mixres.integrations.hf import UnsupportedModelError, generate, load_pretrained, mrify  # noqa: E402
 from mixres.integrations.hf.qwen_processor import high_res_size  # noqa: E402
 from mixres.integrations.hf.tiny import tiny_llava  # noqa: E402
-from mixres.integrations.hf.tiny_qwen import PROMPT, TINY_QWEN_VISION, tiny_qwen2_5_vl  # noqa: E402
-from mixres.pathways.hf_qwen2_5_vl import patchify  # noqa: E402
+from mixres.integrations.hf.tiny_qwen import PROMPT, TINY_QWEN3_VISION, TINY_QWEN_VISION, tiny_qwen2_5_vl, tiny_qwen3_vl  # noqa: E402
+from mixres.pathways.hf_qwen2_5_vl import _permute, patchify  # noqa: E402
 
 MAP = {"name": "timm_map", "model_name": "convnext_atto", "out_indices": [-1]}
-SIZES = [(56, 84), (112, 56), (84, 112)]  # ViT views (multiples of 28): grids 4x6, 8x4, 6x8
+FAMILIES = {
+    "qwen2_5_vl": dict(tiny=tiny_qwen2_5_vl, vision=TINY_QWEN_VISION, pathway="hf_qwen2_5_vl", patch=14,
+                       cls="MixresQwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": dict(tiny=tiny_qwen3_vl, vision=TINY_QWEN3_VISION, pathway="hf_qwen3_vl", patch=16,
+                     cls="MixresQwen3VLForConditionalGeneration"),
+}
+UNITS = [(2, 3), (4, 2), (3, 4)]  # ViT views in merge units (28 / 32 px): grids 4x6, 8x4, 6x8
 
 
-def _packed(sizes, seed=0):
+def _packed(units, patch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    images = [torch.randn(1, 3, *s, generator=g) for s in sizes]
-    thw = torch.tensor([[1, h // 14, w // 14] for h, w in sizes])
-    return images, torch.cat([patchify(i) for i in images]), thw
+    images = [torch.randn(1, 3, 2 * patch * h, 2 * patch * w, generator=g) for h, w in units]
+    thw = torch.tensor([[1, 2 * h, 2 * w] for h, w in units])
+    return images, torch.cat([patchify(i, patch_size=patch) for i in images]), thw
 
 
-@pytest.fixture(scope="module")
-def vit():
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def vit(request):
     torch.manual_seed(0)
-    return mixres.create_pathway("hf_qwen2_5_vl", config=TINY_QWEN_VISION).eval()
+    spec = FAMILIES[request.param]
+    return mixres.create_pathway(spec["pathway"], config=spec["vision"]).eval()
 
 
 # --- the pathway -------------------------------------------------------------------------------
 
 
 def test_pathway_equals_qwens_own_vision_model_on_a_packed_batch(vit):
-    _, patches, thw = _packed(SIZES)
+    _, patches, thw = _packed(UNITS, vit.patch_size)
     with torch.no_grad():
         x, layout = vit(patches, thw)
         theirs = vit.model(patches, grid_thw=thw)
@@ -46,11 +54,14 @@ def test_pathway_equals_qwens_own_vision_model_on_a_packed_batch(vit):
     # the same modules called in the same order on the same tensors: only kernel choice could differ
     torch.testing.assert_close(x, theirs.last_hidden_state, rtol=0, atol=1e-6)
     torch.testing.assert_close(merged, theirs.pooler_output, rtol=0, atol=1e-6)
+    for ours, source in zip(vit.deepstack(layout) if vit.tap_blocks else [], getattr(theirs, "deepstack_features", None) or []):
+        torch.testing.assert_close(ours, source, rtol=0, atol=1e-6)  # Qwen3-VL's DeepStack features
+    assert len(layout.taps) == len(getattr(theirs, "deepstack_features", None) or [])
     assert layout.grids == ((4, 6), (8, 4), (6, 8)) and merged.shape == (sum(h * w for h, w in layout.grids) // 4, 32)
 
 
 def test_block_slices_equal_one_call(vit):
-    _, patches, thw = _packed(SIZES[:2])
+    _, patches, thw = _packed(UNITS[:2], vit.patch_size)
     with torch.no_grad():
         x, layout = vit.embed(patches, thw)
         stepwise = vit.run_blocks(vit.run_blocks(x, 0, 1, layout), 1, 4, layout)
@@ -59,54 +70,55 @@ def test_block_slices_equal_one_call(vit):
 
 
 def test_to_grids_gives_each_image_its_raster_grid(vit):
-    images, patches, thw = _packed(SIZES)
+    images, patches, thw = _packed(UNITS, vit.patch_size)
     with torch.no_grad():
-        x, layout = vit.embed(patches, thw)  # patch embeddings, window-permuted
+        _, layout = vit.embed(patches, thw)
+        x = _permute(vit.model.patch_embed(patches), layout.window_index, 4)  # patch embeddings, in window order
         grids = vit.to_grids(x, layout)
-        weight = vit.model.patch_embed.proj.weight
+        conv, p = vit.model.patch_embed.proj, vit.patch_size
         for image, tokens in zip(images, grids):
             # independent reference: the Conv3d on the 2-frame image itself, read in raster order
-            direct = torch.nn.functional.conv3d(repeat(image, "b c h w -> b c t h w", t=2), weight, stride=(2, 14, 14))
+            direct = torch.nn.functional.conv3d(repeat(image, "b c h w -> b c t h w", t=2), conv.weight, conv.bias, stride=(2, p, p))
             torch.testing.assert_close(tokens, rearrange(direct, "b c t h w -> b (t h w) c"), rtol=0, atol=1e-5)
     assert torch.equal(vit.from_grids(grids, layout), x)  # scatter is the inverse of gather (index ops)
     assert torch.equal(layout.token_coords(), _qwen_coords(thw, layout.window_index))
 
 
 def test_pathway_refuses_bad_packing(vit):
-    _, patches, thw = _packed(SIZES[:1])
+    _, patches, thw = _packed(UNITS[:1], vit.patch_size)
     with pytest.raises(ShapeError, match="holds 24 patches"):
         vit.embed(patches[:-4], thw)
-    with pytest.raises(ShapeError, match=r"Tensor\[S, 1176\]"):
+    with pytest.raises(ShapeError, match=r"Tensor\[S, (1176|1536)\]"):
         vit.embed(patches[:, :100], thw)
 
 
 # --- the packed encoder ------------------------------------------------------------------------
 
 
-def _views(sizes, scale=32 / 14, stride=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, 3, *high_res_size(s, scale, stride), generator=g) for s in sizes]
+def _views(units, stride=32, seed=1):
+    g = torch.Generator().manual_seed(seed)  # k = stride / patch: the map has the ViT's grid
+    return [torch.randn(1, 3, 2 * stride * h, 2 * stride * w, generator=g) for h, w in units]
 
 
 def test_zero_init_encoder_equals_the_source(vit):
     encoder = PackedDualPathwayEncoder(copy.deepcopy(vit), MAP, [{"after_block": k, "fusion": {"name": "mr_adapter"}} for k in (1, 2, 3)]).eval()
-    _, patches, thw = _packed(SIZES)
+    _, patches, thw = _packed(UNITS, vit.patch_size)
     with torch.no_grad():
-        x, layout = encoder(patches, thw, _views(SIZES))
+        x, layout = encoder(patches, thw, _views(UNITS))
         theirs = vit.model(patches, grid_thw=thw)
     # zero-init adapters return their input exactly and gather / scatter are index ops
     torch.testing.assert_close(x, theirs.last_hidden_state, rtol=0, atol=1e-6)
     assert PackedDualPathwayEncoder(**encoder.config).config == encoder.config
     with pytest.raises(ShapeError, match="one Tensor"):
-        encoder(patches, thw, _views(SIZES[:2]))
+        encoder(patches, thw, _views(UNITS[:2]))
 
 
 # --- mrify -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pair():
-    model, processor = tiny_qwen2_5_vl()
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request):
+    model, processor = FAMILIES[request.param]["tiny"]()
     original = copy.deepcopy(model)
     mr_model, mr_processor = mrify(model, map_pathway=MAP, processor=processor)
     return original, processor, mr_model.eval(), mr_processor
@@ -130,7 +142,7 @@ def test_vit_weights_kept_and_llm_and_merger_untouched(pair):
     mine = mr_model.state_dict()
     rest = {k: v for k, v in original.state_dict().items() if not k.startswith("model.visual.")}
     assert rest and all(torch.equal(mine[k], v) for k, v in rest.items())
-    assert type(mr_model).__name__ == "MixresQwen2_5_VLForConditionalGeneration"
+    assert type(mr_model).__name__ in {f["cls"] for f in FAMILIES.values()}
 
 
 def test_zero_init_logits_equal_the_original_on_the_low_res_view(pair):
@@ -169,7 +181,7 @@ def test_image_and_high_res_arguments_are_checked(pair):
     with pytest.raises(UnsupportedModelError, match="high_res_pixel_values"):
         mr_model(**inputs)
     with pytest.raises(UnsupportedModelError, match="not image_size"):
-        mrify(tiny_qwen2_5_vl()[0], map_pathway=MAP, image_size=1024)
+        mrify(tiny_qwen3_vl()[0], map_pathway=MAP, image_size=1024)
     with pytest.raises(UnsupportedModelError, match="high_res_scale is for Qwen"):
         mrify(tiny_llava()[0], map_pathway=MAP, image_size=64, high_res_scale=2)
     with pytest.raises(UnsupportedModelError, match="mrified already|not mrified yet"):
@@ -224,27 +236,32 @@ def _high_term(encoder, patches, thw, views):
     return tp.from_grids(terms, layout), layout
 
 
-@pytest.fixture(scope="module", params=[32 / 14, 3.0], ids=["map-grid-is-vit-grid", "map-finer"])
+# k = stride / patch: the map has the ViT's grid; k = 3: the map is finer (average-pooled down)
+@pytest.fixture(scope="module", params=[(f, k) for f in FAMILIES for k in ("aligned", 3.0)], ids=lambda p: f"{p[0]}-{p[1]}")
 def perturbed(request):
-    model, _ = mrify(tiny_qwen2_5_vl()[0], map_pathway=MAP, high_res_scale=request.param)
+    family, k = request.param
+    spec = FAMILIES[family]
+    scale = 32 / spec["patch"] if k == "aligned" else k
+    model, _ = mrify(spec["tiny"]()[0], map_pathway=MAP, high_res_scale=scale)
     encoder = model.model.visual.encoder.eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for p in encoder.adapters.parameters():
             p.copy_(torch.randn_like(p) * 0.2)  # a trained-looking adapter: no zero branch, a non-zero gate
-    return encoder, request.param
+    return encoder, scale
 
 
-# window orders that differ from the processor's in every image (LLM grids 2x3, 4x3, 3x4), and thin images
-@pytest.mark.parametrize("sizes", [[(56, 84), (112, 84), (84, 112)], [(84, 84), (56, 112)], [(28, 140), (140, 28)]])
-def test_a_marker_in_one_region_peaks_at_that_token_of_each_image(sizes, perturbed):
+# Qwen2.5-VL window orders that differ from the processor's in every image (LLM grids 2x3, 4x3, 3x4), and thin images
+@pytest.mark.parametrize("units", [[(2, 3), (4, 3), (3, 4)], [(3, 3), (2, 4)], [(1, 5), (5, 1)]])
+def test_a_marker_in_one_region_peaks_at_that_token_of_each_image(units, perturbed):
     encoder, scale = perturbed
-    _, patches, thw = _packed(sizes)
-    blank = [torch.zeros(1, 3, *high_res_size(s, scale, 32)) for s in sizes]
+    patch = encoder.token_pathway.patch_size
+    images, patches, thw = _packed(units, patch)
+    blank = [torch.zeros(1, 3, *high_res_size(tuple(i.shape[-2:]), scale, 32)) for i in images]
     with torch.no_grad():
         plain, layout = _high_term(encoder, patches, thw, blank)
     coords = _qwen_coords(thw, layout.window_index)  # the ViT's own (image, row, col) of each stream position
-    g = torch.Generator().manual_seed(len(sizes))
+    g = torch.Generator().manual_seed(len(units))
     for _ in range(2):  # two marker positions per image
         marked, where = [], []
         for view, (h, w) in zip(blank, (t[1:].tolist() for t in thw)):
@@ -282,13 +299,13 @@ def _count_check(pair, height, width, low, high):
                                                   inputs["high_res_pixel_values"], inputs["high_res_grid"]).pooler_output
     count = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert count == sum(f.shape[0] for f in features) == int(inputs["image_grid_thw"].prod()) // 4
-    vit_side = inputs["image_grid_thw"][0, 1:] * 14
-    assert inputs["high_res_grid"][0].tolist() == [s // 32 for s in high_res_size(tuple(vit_side.tolist()), 32 / 14, 32)]
-    assert (inputs["high_res_grid"][0] * 32 * 14 == vit_side * 32).all()  # k = 32/14: the CNN map is the ViT grid
+    patch, grid = model.config.vision_config.patch_size, inputs["image_grid_thw"][0, 1:]
+    high_res = high_res_size(tuple((grid * patch).tolist()), 32 / patch, 32)
+    assert inputs["high_res_grid"][0].tolist() == [s // 32 for s in high_res] == grid.tolist()  # k = 32 / patch: the map is the ViT grid
 
 
-_SIZES = dict(height=st.integers(8, 700), width=st.integers(8, 700), low=st.integers(28 * 28, 112 * 112),
-              high=st.integers(28 * 28, 224 * 224))
+_SIZES = dict(height=st.integers(8, 700), width=st.integers(8, 700), low=st.integers(32 * 32, 112 * 112),
+              high=st.integers(32 * 32, 224 * 224))
 
 
 @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)

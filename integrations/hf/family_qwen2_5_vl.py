@@ -1,4 +1,4 @@
-"""``qwen2_5_vl``: what :func:`~mixres.integrations.hf.mrify` changes in Qwen2.5-VL.
+"""``qwen2_5_vl`` / ``qwen3_vl``: what :func:`~mixres.integrations.hf.mrify` changes in Qwen2.5-VL and Qwen3-VL.
 
 ``Qwen2_5_VLForConditionalGeneration`` reads every image at its own size: the processor's
 ``smart_resize`` picks sides that are multiples of 28 within ``min_pixels`` / ``max_pixels``, the
@@ -18,9 +18,12 @@ The model becomes a :class:`~mixres.integrations.hf.qwen_tower.MixresQwen2_5_VLF
 classes, so ``save_pretrained`` / :func:`~mixres.integrations.hf.load_pretrained` round-trip) and
 the processor's image processor a :class:`~mixres.integrations.hf.qwen_processor.MixresQwen2VLImageProcessor`.
 
-Qwen3-VL is not covered: its ViT has learned, interpolated position embeddings (no window
-attention) and DeepStack features taken from intermediate blocks into the LLM's layers, which an
-adapter between blocks would change; the pathway here does not model either.
+**Qwen3-VL** (``qwen3_vl``, ``Qwen3VLForConditionalGeneration``) is covered the same way: its ViT
+(the ``hf_qwen3_vl`` pathway: 16-px patches, a learned position table resampled per image, no
+window attention, DeepStack features from intermediate blocks) becomes a
+:class:`~mixres.integrations.hf.qwen3_tower.MixresQwen3VLForConditionalGeneration`; its DeepStack
+features are taken after their blocks, as the source does, so adapters before them reach the LLM's
+early layers too. The default ``k`` is the CNN's stride over the ViT's patch (32 / 14, 32 / 16).
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import Qwen2_5_VisionTransformerPretrainedModel
-
 import mixres
 from mixres.encoders.packed import PackedDualPathwayEncoder
 from mixres.pathways import load_into
@@ -38,20 +39,8 @@ from mixres.pathways import load_into
 from .errors import UnsupportedModelError
 from .families import Family, vit_config_kwargs
 from .qwen_processor import MixresQwen2VLImageProcessor
-from .qwen_tower import (
-    MixresQwen2_5_VisionModel,
-    MixresQwen2_5_VLConfig,
-    MixresQwen2_5_VLForConditionalGeneration,
-    MixresQwen2_5_VLModel,
-    MixresQwen2_5_VLVisionConfig,
-)
 
-__all__ = ["Qwen2_5_VLFamily", "QWEN2_5_VL", "DEFAULT_HIGH_RES_SCALE"]
-
-#: ``k``: the high-res view's sides over the ViT view's. LLaVA-HR's ratio (1024 px CNN / 448 px ViT):
-#: the CNN's stride-32 map then has exactly the ViT's 14-px grid; ``k**2`` ~ 5.2x fewer LLM tokens
-#: than Qwen reading the same pixels itself
-DEFAULT_HIGH_RES_SCALE = 32 / 14
+__all__ = ["Qwen2_5_VLFamily", "QWEN2_5_VL", "QWEN3_VL"]
 
 
 def _check_scale(scale: Any) -> float:
@@ -60,25 +49,46 @@ def _check_scale(scale: Any) -> float:
     return float(scale)
 
 
+def _classes(name: str) -> dict[str, Any]:
+    """The source tower class, the pathway, and the mrified classes of a Qwen-VL family (imported when used)."""
+    if name == "qwen2_5_vl":
+        from transformers import Qwen2_5_VisionTransformerPretrainedModel as tower
+
+        from . import qwen_tower as m
+
+        return dict(tower=tower, pathway="hf_qwen2_5_vl", vision_config=m.MixresQwen2_5_VLVisionConfig,
+                    visual=m.MixresQwen2_5_VisionModel, config=m.MixresQwen2_5_VLConfig, inner=m.MixresQwen2_5_VLModel,
+                    outer=m.MixresQwen2_5_VLForConditionalGeneration)
+    from transformers import Qwen3VLVisionModel as tower
+
+    from . import qwen3_tower as m
+
+    return dict(tower=tower, pathway="hf_qwen3_vl", vision_config=m.MixresQwen3VLVisionConfig, visual=m.MixresQwen3VLVisionModel,
+                config=m.MixresQwen3VLConfig, inner=m.MixresQwen3VLModel, outer=m.MixresQwen3VLForConditionalGeneration)
+
+
 class Qwen2_5_VLFamily(Family):
-    """Qwen2.5-VL: its own packed ViT + a high-res CNN per image; mrify is this family's own (:meth:`mrify`)."""
+    """Qwen2.5-VL / Qwen3-VL: their own packed ViT + a high-res CNN per image; mrify is this family's own (:meth:`mrify`)."""
 
     def mrify(self, model: Any, *, map_pathway: Any, fusion: Any, positions: Sequence[int] | None,
               final_fusion: Any, processor: Any, high_res_scale: float | None) -> tuple[Any, Any]:
-        """Put MRA into a ``Qwen2_5_VLForConditionalGeneration`` (in place); arguments as :func:`~mixres.integrations.hf.mrify`.
+        """Put MRA into a Qwen2.5-VL / Qwen3-VL model (in place); arguments as :func:`~mixres.integrations.hf.mrify`.
+
+        ``high_res_scale`` ``None``: the map pathway's stride over the ViT's patch (32 / 14 for
+        Qwen2.5-VL, as LLaVA-HR's 1024 px / 448 px; 32 / 16 for Qwen3-VL): the CNN's map then has
+        exactly the ViT's grid.
 
         Raises:
-            UnsupportedModelError: a tower that is not Qwen's ViT (e.g. mrified already), a bad ``high_res_scale``,
-                a final fusion that changes the width.
+            UnsupportedModelError: a tower that is not the family's own ViT (e.g. mrified already), a bad
+                ``high_res_scale``, a final fusion that changes the width.
         """
         from .mrify import _final_fusion, _fusion_config, default_positions, map_pathway_config
 
-        scale = _check_scale(DEFAULT_HIGH_RES_SCALE if high_res_scale is None else high_res_scale)
-        tower = model.model.visual
-        if not isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel):
-            raise UnsupportedModelError(f"the model's vision tower is a {type(tower).__name__}; mrify needs Qwen2.5-VL's own ViT "
-                                        "(Qwen2_5_VisionTransformerPretrainedModel), as in a model that is not mrified yet")
-        pathway = mixres.build({"kind": "pathway", "name": "hf_qwen2_5_vl", "config": vit_config_kwargs(tower.config)})
+        classes, tower = _classes(self.name), model.model.visual
+        if not isinstance(tower, classes["tower"]):
+            raise UnsupportedModelError(f"the model's vision tower is a {type(tower).__name__}; mrify needs {self.name}'s own ViT "
+                                        f"({classes['tower'].__name__}), as in a model that is not mrified yet")
+        pathway = mixres.build({"kind": "pathway", "name": classes["pathway"], "config": vit_config_kwargs(tower.config)})
         load_into(pathway.model, tower.state_dict(), f"the model's vision tower ({type(tower).__name__})")
         fusion_cfg = _fusion_config(fusion, "fusion")
         blocks = default_positions(pathway.num_blocks) if positions is None else list(positions)
@@ -86,27 +96,23 @@ class Qwen2_5_VLFamily(Family):
             token_pathway=pathway, map_pathway=mixres.build(map_pathway_config(map_pathway)),
             injections=[{"after_block": k, "fusion": dict(fusion_cfg)} for k in blocks],
             final_fusion=_final_fusion(final_fusion, pathway.dim))
+        scale = _check_scale(encoder.stride / pathway.patch_size if high_res_scale is None else high_res_scale)
         reference = next(tower.parameters())
         encoder = encoder.to(device=reference.device, dtype=reference.dtype)
-        vision_config = MixresQwen2_5_VLVisionConfig(**vit_config_kwargs(tower.config), encoder=encoder.config,
-                                                     high_res_scale=scale, high_res_stride=encoder.stride)
-        model.model.visual = MixresQwen2_5_VisionModel(vision_config, encoder=encoder)
-        self._become_mixres(model, vision_config)
+        vision_config = classes["vision_config"](**vit_config_kwargs(tower.config), encoder=encoder.config,
+                                                 high_res_scale=scale, high_res_stride=encoder.stride)
+        model.model.visual = classes["visual"](vision_config, encoder=encoder)
+        data = model.config.to_dict()
+        data.pop("model_type", None)
+        config = classes["config"](**{**data, "vision_config": vision_config})
+        model.__class__, model.model.__class__ = classes["outer"], classes["inner"]
+        model.config = model.model.config = config
         if processor is not None:
             processor = self.update_processor_for(processor, vision_config)
         return model, processor
 
     @staticmethod
-    def _become_mixres(model: Any, vision_config: MixresQwen2_5_VLVisionConfig) -> None:
-        data = model.config.to_dict()
-        data.pop("model_type", None)
-        data["vision_config"] = vision_config
-        config = MixresQwen2_5_VLConfig(**data)
-        model.__class__, model.model.__class__ = MixresQwen2_5_VLForConditionalGeneration, MixresQwen2_5_VLModel
-        model.config = model.model.config = config
-
-    @staticmethod
-    def update_processor_for(processor: Any, vision_config: MixresQwen2_5_VLVisionConfig) -> Any:
+    def update_processor_for(processor: Any, vision_config: Any) -> Any:
         """A copy of ``processor`` whose image processor also emits the high-res views (same ViT budget)."""
         processor = copy.deepcopy(processor)
         settings = {k: v for k, v in processor.image_processor.to_dict().items() if k != "image_processor_type"}
@@ -116,4 +122,4 @@ class Qwen2_5_VLFamily(Family):
 
 
 QWEN2_5_VL = Qwen2_5_VLFamily("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), square_pad=False, vision_attr="visual")
-
+QWEN3_VL = Qwen2_5_VLFamily("qwen3_vl", ("Qwen3VLForConditionalGeneration",), square_pad=False, vision_attr="visual")

@@ -46,7 +46,7 @@ from .modeling import without_weight_paths
 from .qwen_processor import MixresQwen2VLImageProcessor, unpack_high_res
 
 __all__ = ["MixresQwen2_5_VLVisionConfig", "MixresQwen2_5_VisionModel", "MixresQwen2_5_VLConfig", "MixresQwen2_5_VLModel",
-           "MixresQwen2_5_VLForConditionalGeneration"]
+           "MixresQwen2_5_VLForConditionalGeneration", "HighResInputs", "high_res_forward"]
 
 
 class MixresQwen2_5_VLVisionConfig(Qwen2_5_VLVisionConfig):
@@ -115,8 +115,13 @@ class MixresQwen2_5_VisionModel(PreTrainedModel):
                 "(the processor returned by mrify emits them)")
         views = unpack_high_res(high_res_pixel_values, high_res_grid, self.config.high_res_stride)
         x, layout = self.encoder(hidden_states.to(self.dtype), grid_thw, views)
-        merged = self.encoder.token_pathway.merge(x, layout)
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=merged)
+        tp = self.encoder.token_pathway
+        merged = tp.merge(x, layout)
+        if not tp.tap_blocks:
+            return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=merged)
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        return BaseModelOutputWithDeepstackFeatures(last_hidden_state=x, pooler_output=merged, deepstack_features=tp.deepstack(layout))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -156,7 +161,51 @@ class MixresQwen2_5_VLConfig(Qwen2_5_VLConfig):
                             "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="mixres_qwen2_5_vl_vision")}
 
 
-class MixresQwen2_5_VLModel(Qwen2_5_VLModel):
+class HighResInputs:
+    """Mixin for a Qwen-VL ``*Model``: the image features are computed with the high-res views."""
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                           high_res_pixel_values: torch.Tensor | None = None, high_res_grid: torch.Tensor | None = None,
+                           **kwargs: Any) -> BaseModelOutputWithPooling:
+        """As the source (``pooler_output``, and DeepStack features, split per image), with the high-res views."""
+        out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw,
+                          high_res_pixel_values=high_res_pixel_values, high_res_grid=high_res_grid)
+        split = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+        out.pooler_output = torch.split(out.pooler_output, split)
+        if getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [torch.split(f, split) for f in out.deepstack_features]
+        return out
+
+    def get_video_features(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: MRA reads a high-res view of each still image; the processor makes none of a video."""
+        raise UnsupportedModelError("the mrified Qwen-VL takes still images; videos have no high-res view (not supported)")
+
+    def forward(self, *args: Any, pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                high_res_pixel_values: torch.Tensor | None = None, high_res_grid: torch.Tensor | None = None,
+                mm_encoder_outputs: dict | None = None, **kwargs: Any) -> Any:
+        """The source's forward; the images' features are computed here with their high-res views."""
+        if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is None:
+            image = self.get_image_features(pixel_values, image_grid_thw, high_res_pixel_values, high_res_grid)
+            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image}
+        return super().forward(*args, image_grid_thw=image_grid_thw, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+
+def high_res_forward(source: type) -> Any:
+    """The ``forward`` of a mrified ``*ForConditionalGeneration``: ``source``'s, taking the high-res views."""
+
+    def forward(self: Any, *args: Any, high_res_pixel_values: torch.Tensor | None = None,
+                high_res_grid: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The source's forward, taking the high-res views (``high_res_pixel_values``, ``high_res_grid``)."""
+        if high_res_pixel_values is not None:
+            kwargs.update(high_res_pixel_values=high_res_pixel_values, high_res_grid=high_res_grid)
+        return source.forward(self, *args, **kwargs)
+
+    # generate() checks its keyword arguments against forward's signature: the source's plus ours
+    forward.__signature__ = _with_high_res(inspect.signature(source.forward))
+    return forward
+
+
+class MixresQwen2_5_VLModel(HighResInputs, Qwen2_5_VLModel):
     """``Qwen2_5_VLModel`` whose ``visual`` is a :class:`MixresQwen2_5_VisionModel`; takes the high-res views."""
 
     config_class = MixresQwen2_5_VLConfig
@@ -168,29 +217,6 @@ class MixresQwen2_5_VLModel(Qwen2_5_VLModel):
         self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()
-
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                           high_res_pixel_values: torch.Tensor | None = None, high_res_grid: torch.Tensor | None = None,
-                           **kwargs: Any) -> BaseModelOutputWithPooling:
-        """As the source (``pooler_output`` split per image), with the high-res views passed to the tower."""
-        out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw,
-                          high_res_pixel_values=high_res_pixel_values, high_res_grid=high_res_grid)
-        split = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        out.pooler_output = torch.split(out.pooler_output, split)
-        return out
-
-    def get_video_features(self, *args: Any, **kwargs: Any) -> Any:
-        """Refused: MRA reads a high-res view of each still image; the processor makes none of a video."""
-        raise UnsupportedModelError("the mrified Qwen2.5-VL takes still images; videos have no high-res view (not supported)")
-
-    def forward(self, *args: Any, pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                high_res_pixel_values: torch.Tensor | None = None, high_res_grid: torch.Tensor | None = None,
-                mm_encoder_outputs: dict | None = None, **kwargs: Any) -> Any:
-        """The source's forward; the images' features are computed here with their high-res views."""
-        if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is None:
-            image = self.get_image_features(pixel_values, image_grid_thw, high_res_pixel_values, high_res_grid)
-            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image}
-        return super().forward(*args, image_grid_thw=image_grid_thw, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
 class MixresQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -204,15 +230,7 @@ class MixresQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, *args: Any, high_res_pixel_values: torch.Tensor | None = None, high_res_grid: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
-        """The source's forward, taking the high-res views (``high_res_pixel_values``, ``high_res_grid``)."""
-        if high_res_pixel_values is not None:
-            kwargs.update(high_res_pixel_values=high_res_pixel_values, high_res_grid=high_res_grid)
-        return super().forward(*args, **kwargs)
-
-    # generate() checks its keyword arguments against forward's signature: the source's plus ours
-    forward.__signature__ = _with_high_res(inspect.signature(Qwen2_5_VLForConditionalGeneration.forward))
+    forward = high_res_forward(Qwen2_5_VLForConditionalGeneration)
 
 
 AutoConfig.register(MixresQwen2_5_VLVisionConfig.model_type, MixresQwen2_5_VLVisionConfig, exist_ok=True)

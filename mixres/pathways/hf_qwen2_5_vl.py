@@ -39,7 +39,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -69,6 +69,11 @@ def patchify(images: torch.Tensor, patch_size: int = 14, merge_size: int = 2, te
         raise ShapeError(f"images have to be Tensor[B, 3, H, W] with H, W multiples of {unit}, but got {tuple(images.shape)}")
     return repeat(images, "b c (gh m1 p1) (gw m2 p2) -> (b gh gw m1 m2) (c t p1 p2)",
                   m1=merge_size, m2=merge_size, p1=patch_size, p2=patch_size, t=temporal_patch_size)
+
+
+def _permute(x: torch.Tensor, window_index: torch.Tensor, unit: int) -> torch.Tensor:
+    """Merge units of ``x (Tensor[S, D])`` in ``window_index`` order (the source's ``permute_input_for_window_attn``)."""
+    return rearrange(rearrange(x, "(u m) d -> u m d", m=unit)[window_index], "u m d -> (u m) d")
 
 
 def raster_index(grids: list[tuple[int, int]], window_index: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -105,6 +110,8 @@ class PackedLayout:
         position_embeddings: rotary ``(cos, sin)``, each Tensor[S, head_dim], in stream order.
         raster: stream positions of the images' raster tokens (Tensor[S], image after image).
         stream: its inverse, ``argsort(raster)``.
+        taps: the stream after each block in the pathway's ``tap_blocks`` (Qwen3-VL's DeepStack),
+            filled by ``run_blocks``.
     """
 
     grid_thw: torch.Tensor
@@ -117,6 +124,7 @@ class PackedLayout:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     raster: torch.Tensor | None
     stream: torch.Tensor | None
+    taps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def token_coords(self) -> torch.Tensor:
         """``(image, row, col)`` of every stream position: Tensor[S, 3] (still images only)."""
@@ -154,15 +162,19 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         (torch.Size([28, 32]), ((4, 6), (2, 2)), torch.Size([7, 48]))
     """
 
+    _model_class = "Qwen2_5_VisionTransformerPretrainedModel"
+    _config_class = "Qwen2_5_VLVisionConfig"
+
     def __init__(self, config: dict[str, Any] | None = None, weights: str | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.model = _build_model("Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", dict(config or {}), weights)
+        self.model = _build_model(self._model_class, self._config_class, dict(config or {}), weights)
         cfg = self.model.config
         self.dim, self.patch_size, self.num_blocks = int(cfg.hidden_size), int(cfg.patch_size), int(cfg.depth)
         self.merge_size, self.temporal_patch_size = int(cfg.spatial_merge_size), int(cfg.temporal_patch_size)
         self.out_dim, self.num_prefix_tokens = int(cfg.out_hidden_size), 0
-        self.full_attention_blocks = tuple(int(i) for i in cfg.fullatt_block_indexes)
+        self.full_attention_blocks = tuple(int(i) for i in getattr(cfg, "fullatt_block_indexes", range(cfg.depth)))
+        self.tap_blocks: tuple[int, ...] = ()
         self.grad_checkpointing = False
         self.model.to(device=device, dtype=dtype)
         self.train()
@@ -185,8 +197,7 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         generic = lazy_import("transformers.utils.generic")
         m, cfg = self.model, self.model.config
         cu_seqlens, max_seqlen = vision.get_vision_attention_seqlens(grid_thw, cfg)
-        window_index, cu_window = vision.get_vision_window_index(
-            grid_thw, spatial_merge_size=m.spatial_merge_size, window_size=m.window_size, patch_size=m.patch_size)
+        window_index, cu_window = self._windows(grid_thw, cu_seqlens)
         max_window = generic.get_max_seqlen(cu_window, cfg, kwarg_name="max_window_seqlen")
         device = m.patch_embed.proj.weight.device  # the rotary tables and raster indices go where the blocks run
         still = bool((grid_thw[:, 0] == 1).all())
@@ -194,10 +205,17 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         raster = raster_index(list(grids), window_index, self.merge_size).to(device) if still else None
         positions = vision.get_vision_position_ids(grid_thw, m.spatial_merge_size).to(device)
         freqs = m.rotary_pos_emb(torch.empty(0, device=device), positions)
-        seq_len = int(positions.shape[0])
-        freqs = tuple(m.permute_input_for_window_attn(f, window_index, seq_len=seq_len) for f in freqs)
+        freqs = tuple(_permute(f, window_index, self.merge_size**2) for f in freqs)
         return PackedLayout(grid_thw, grids, window_index, cu_seqlens, cu_window, max_seqlen, max_window, freqs,
                             raster, torch.argsort(raster) if still else None)
+
+    def _windows(self, grid_thw: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vision, m = lazy_import("transformers.vision_utils"), self.model
+        return vision.get_vision_window_index(grid_thw, spatial_merge_size=m.spatial_merge_size, window_size=m.window_size,
+                                              patch_size=m.patch_size)
+
+    def _add_positions(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return x  # Qwen2.5-VL has rotary positions only
 
     def embed(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, PackedLayout]:
         """Patch embedding and the window permutation.
@@ -214,8 +232,8 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         """
         self._check(patches, grid_thw)
         layout = self.layout(grid_thw)
-        x = self.model.patch_embed(patches)
-        return self.model.permute_input_for_window_attn(x, layout.window_index, seq_len=int(x.shape[0])), layout
+        x = self._add_positions(self.model.patch_embed(patches), grid_thw)
+        return _permute(x, layout.window_index, self.merge_size**2), layout
 
     def _check(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> None:
         width = 3 * self.temporal_patch_size * self.patch_size**2
@@ -249,6 +267,8 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(start, end):
             x = checkpoint(self._run_block, i, x, layout, use_reentrant=False) if recompute else self._run_block(i, x, layout)
+            if i in self.tap_blocks:
+                layout.taps[i] = x
         return x
 
     def merge(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
