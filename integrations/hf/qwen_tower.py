@@ -14,7 +14,8 @@ returning what Qwen's returns: ``last_hidden_state`` (the ViT's stream, window o
 with ``AutoImageProcessor``), so ``save_pretrained`` / ``from_pretrained`` round-trip. Its
 ``forward`` / ``generate`` take the two high-res inputs besides Qwen's own; an image without them
 is refused (no silent low-res-only run). Videos are refused: the processor makes no high-res view
-of a video (MRA is applied to still images).
+of a video (MRA is applied to still images). :class:`HighResInputs` and :func:`high_res_forward`
+are shared with Qwen3-VL (:mod:`~mixres.integrations.hf.qwen3_tower`).
 """
 
 from __future__ import annotations

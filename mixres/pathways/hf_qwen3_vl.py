@@ -19,6 +19,8 @@ Weights: as ``hf_qwen2_5_vl``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .._utils import lazy_import
@@ -46,8 +48,9 @@ class HFQwen3VLPathway(HFQwen2_5_VLPathway):
     _model_class = "Qwen3VLVisionModel"
     _config_class = "Qwen3VLVisionConfig"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: dict[str, Any] | None = None, weights: str | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(config, weights, device=device, dtype=dtype)
         self.tap_blocks = tuple(int(i) for i in self.model.config.deepstack_visual_indexes)
 
     def _windows(self, grid_thw: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
