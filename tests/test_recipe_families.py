@@ -34,7 +34,7 @@ from mixres.integrations.llava.recipe import RecipeError  # noqa: E402
 FAST = ["--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
         "--logging_steps", "1", "--dataloader_num_workers", "0", "--seed", "0", "--warmup_steps", "0",
         "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "2"]
-BASES = ["onevision-tiny", "gemma3-tiny", "idefics3-tiny", "smolvlm-tiny"]
+BASES = ["onevision-tiny", "gemma3-tiny", "idefics3-tiny", "smolvlm-tiny", "qwen2_5_vl-tiny", "qwen3_vl-tiny"]
 STAGE1 = {"adapters", "projector"}  # the recipe also names final_fusion, which mrify's default tower lacks
 STAGE2 = STAGE1 | {"llm"}
 

@@ -61,16 +61,19 @@ TINY_QWEN3_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_head
                          spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[1, 2])
 
 
-def tiny_qwen3_vl(seed: int = 0) -> tuple[Any, Any]:
+def tiny_qwen3_vl(seed: int = 0, text_layers: int = 2) -> tuple[Any, Any]:
     """Qwen3-VL in miniature: its ViT (learned + rotary positions, DeepStack after blocks 1 and 2), random weights.
 
     The processor's budget is ``64 * 64`` .. ``128 * 128`` px (16-px patches, 32-px merge units).
+    ``text_layers``: the LLM's layers. The LLM adds DeepStack feature ``j`` after its layer ``j``, so
+    with 2 layers the second one lands after the last layer, where only the image positions'
+    logits read it (the recipe trains with 3, so both DeepStack mergers get gradients).
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     ids = {t: len(WORDS) + i for i, t in enumerate(QWEN_TOKENS)}
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1,
                 head_dim=16, vocab_size=len(WORDS) + len(QWEN_TOKENS), max_position_embeddings=512, pad_token_id=1,
                 bos_token_id=2, eos_token_id=3,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
