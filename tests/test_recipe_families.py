@@ -1,4 +1,5 @@
-"""The recipe's stage 1 and stage 2 on mrified families (LLaVA-OneVision, Gemma 3, Idefics3, SmolVLM), tiny, CPU.
+"""The recipe's stage 1 and stage 2 on mrified families (LLaVA-OneVision, Gemma 3, Idefics3, SmolVLM, Qwen2.5-VL,
+Qwen3-VL), tiny, CPU.
 
 Each family starts from its tiny random model (``base_model: <family>-tiny``), is mrified, and trains
 stage 1 (adapters + projector) then stage 2 (+ the LLM) from stage 1's output, with its own chat
@@ -23,6 +24,7 @@ from mixres.integrations.llava.data import LlavaDataError  # noqa: E402
 from mixres.integrations.llava.families import (  # noqa: E402
     FAMILY_RECIPES,
     build_family_model,
+    family_image_size,
     family_parts,
     family_recipe,
     set_family_image_size,
@@ -247,3 +249,98 @@ def test_a_sample_too_long_once_expanded_is_raised_or_skipped(data):
     args.on_error = "skip"
     lenient = family_dataset(args, processor, family_recipe(model), [records[0], text_only])
     assert lenient[0]["id"] == text_only["id"] and lenient.skipped_ids == [records[0]["id"]]
+
+
+# Qwen2.5-VL / Qwen3-VL: each image has its own ViT grid (smart_resize within the pixel budget), the
+# projector (merger) sits inside the ViT, and image_size is the ViT view's pixel budget.
+QWEN = ["qwen2_5_vl-tiny", "qwen3_vl-tiny"]
+OPENING = {"qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", "qwen3_vl": "<|im_start|>user\n"}
+
+
+@pytest.mark.parametrize("run", QWEN, indirect=True)
+def test_qwen_mixed_sizes_image_tokens_equal_the_features_per_image(run, data, tmp_path):
+    _, _, (trainer, _), _ = run
+    model, processor = trainer.model.eval(), trainer.processing_class
+    spec = family_recipe(model)
+    source = Image.open(data["root"] / "images/test-000000.png")
+    records = json.loads(data["train"].read_text())
+    with_image = [r for r in records if r.get("image")][:3]
+    text_only = next(r for r in records if not r.get("image"))
+    for k, (record, size) in enumerate(zip(with_image, [(256, 256), (256, 128), (128, 256)])):
+        source.resize(size).save(tmp_path / f"{k}.png")  # (width, height)
+        record["image"] = f"{k}.png"
+    args = recipe.parse_args(["--recipe", "tiny-family-stage2", "--model", "unused", "--output_dir", "unused", *FAST])[0]
+    args.image_folder = str(tmp_path)
+    dataset = family_dataset(args, processor, spec, [*with_image, text_only])
+    assert dataset.render(0).text.startswith(OPENING[spec.name] + "<|vision_start|><|image_pad|><|vision_end|>")
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = FamilyCollator(dataset.tokenizer.pad_token_id)(items)
+    grid, merge = batch["image_grid_thw"], model.config.vision_config.spatial_merge_size
+    assert len({tuple(g) for g in grid.tolist()}) == 3  # three different ViT grids in one packed batch
+    # the collator joined the packed views along dim 0, as the processor packs one image
+    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    assert batch["high_res_pixel_values"].shape[0] == int(batch["high_res_grid"].prod(-1).sum())
+    assert batch["high_res_grid"].tolist() == [list(item["image_inputs"]["high_res_grid"][0]) for item in items[:3]]
+    token = model.config.image_token_id
+    per_sample = (batch["input_ids"] == token).sum(-1).tolist()
+    expected = (grid.prod(-1) // merge**2).tolist()
+    assert per_sample == [*expected, 0]  # each image's <|image_pad|> run is its grid / merge**2; text-only: none
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "high_res_pixel_values", "high_res_grid")}
+    with torch.no_grad():
+        features = image_features(model, images)
+        assert features.shape == (sum(expected), model.config.text_config.hidden_size)
+        assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(Exception, match="high_res_pixel_values"):  # no silent low-res-only run
+        model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+
+
+@pytest.mark.parametrize("run", QWEN, indirect=True)
+def test_qwen_projector_is_the_merger_carved_out_of_the_vit(run):
+    _, (trainer, _), _, _ = run
+    parts = family_parts(trainer.model)
+    spec = family_recipe(trainer.model)
+    merger = [f"projector.{path}" for path in spec.encoder_projector]
+    assert parts["projector"] and all(n.startswith(tuple(merger)) for n, _ in parts["projector"])
+    assert not any(".merger." in n or "deepstack_merger" in n for n, _ in parts["token_pathway"])
+    visual = trainer.model.model.visual.encoder.token_pathway.model
+    in_mergers = {id(p) for path in spec.encoder_projector for p in visual.get_submodule(path.removeprefix("token_pathway.model.")).parameters()}
+    assert {id(p) for _, p in parts["projector"]} == in_mergers
+    # stage 1 trained exactly adapters + merger: the ViT around it and the LLM did not take gradients
+    assert all(p.requires_grad for _, p in parts["projector"]) and not any(p.requires_grad for _, p in parts["token_pathway"])
+
+
+@pytest.mark.parametrize("run", QWEN, indirect=True)
+def test_qwen_stage2_at_a_larger_pixel_budget(run, data):
+    _, _, _, root = run
+    trainer, snap = _stage("unused", 2, root / "s2-112", data["train"], "--model", root / "s1", "--image_size", 112,
+                           "--max_steps", 1)
+    model, processor = trainer.model, trainer.processing_class
+    unit = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    assert processor.image_processor.size["longest_edge"] == 112 * 112
+    item = trainer.train_dataset[0]  # a 256-px square image: ViT view 112 px (Qwen2.5, 28-px units) / 96 px (Qwen3, 32)
+    side = 112 // unit * unit
+    assert item["image_inputs"]["image_grid_thw"].tolist() == [[1, side // unit * 2, side // unit * 2]]
+    with torch.no_grad():
+        features = image_features(model, item["image_inputs"])
+    assert int((item["input_ids"] == model.config.image_token_id).sum()) == features.shape[0] == (side // unit) ** 2
+    reloaded = load_pretrained(root / "s2-112")[1]
+    assert reloaded.image_processor.size["longest_edge"] == 112 * 112
+    assert family_image_size(model, reloaded) == 112
+    with pytest.raises(RecipeError, match="min_pixels"):
+        set_family_image_size(model, processor, 40)  # 40**2 px is under the processor's min_pixels
+
+
+def test_qwen_recipe_budget_and_high_res_scale(data):
+    args = recipe.parse_args(["--recipe", "tiny-family-stage1", "--base_model", "qwen2_5_vl-tiny", "--output_dir", "unused",
+                              "--data_path", str(data["train_stage1"]), "--mrify",
+                              '{"map_pathway": "convnext_atto", "high_res_scale": 3}', *FAST])[0]
+    args.image_size = None  # keeps the processor's own budget (the tiny one's 56**2 .. 112**2)
+    model, processor = build_family_model(args)
+    assert processor.image_processor.size["longest_edge"] == 112 * 112 and family_image_size(model, processor) == 112
+    item = family_dataset(args, processor, family_recipe(model), data["train_stage1"])[0]
+    # a 256-px image: ViT view 112 px (4x4 merged tokens); high-res 3 x 112 = 336 px, rounded to 352 = 11 x 32 (the stride)
+    assert item["image_inputs"]["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert item["image_inputs"]["high_res_grid"].tolist() == [[11, 11]]
+    with pytest.raises(Exception, match="high_res_scale is for Qwen"):
+        args.base_model, args.image_size = "gemma3-tiny", 64
+        build_family_model(args)

@@ -1,4 +1,4 @@
-"""One recipe stage on a family model (LLaVA-OneVision, Gemma 3, Idefics3 / SmolVLM), on HF ``Trainer``.
+"""One recipe stage on a family model (LLaVA-OneVision, Gemma 3, Idefics3 / SmolVLM, Qwen2.5-VL / Qwen3-VL), on HF ``Trainer``.
 
 :func:`train_family` is what :func:`~.train.train` runs when the recipe names a ``base_model``
 (or ``model`` is a mrified family model): build or load the model (:mod:`.families`), set what

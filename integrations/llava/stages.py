@@ -27,7 +27,7 @@ def model_parts(model: Any) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
 
     LoRA weights count as ``llm``. A part the encoder does not use (the map pathway of a
     low-res-only encoder) is not listed, so it is never trained. A family model (LLaVA-OneVision,
-    Gemma 3, Idefics3 / SmolVLM) has its parts from :func:`~.families.family_parts`.
+    Gemma 3, Idefics3 / SmolVLM, Qwen2.5-VL / Qwen3-VL) has its parts from :func:`~.families.family_parts`.
     """
     from .families import family_parts
 
