@@ -8,6 +8,8 @@ template and its own processor's image-token expansion.
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -344,3 +346,15 @@ def test_qwen_recipe_budget_and_high_res_scale(data):
     with pytest.raises(Exception, match="high_res_scale is for Qwen"):
         args.base_model, args.image_size = "gemma3-tiny", 64
         build_family_model(args)
+
+
+@pytest.mark.parametrize("run", QWEN, indirect=True)
+def test_qwen_stage_directory_loads_in_a_fresh_process(run):
+    """Stage 2 runs in a new process: the mrified classes must be registered by importing mixres's HF integration."""
+    base, _, _, root = run
+    code = ("import sys; from mixres.integrations.hf import load_pretrained; m, p = load_pretrained(sys.argv[1]); "
+            "print(type(m).__name__, type(p.image_processor).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(root / "s1")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model = {"qwen2_5_vl-tiny": "MixresQwen2_5_VLForConditionalGeneration", "qwen3_vl-tiny": "MixresQwen3VLForConditionalGeneration"}
+    assert out.stdout.split() == [model[base], "MixresQwen2VLImageProcessor"]

@@ -123,3 +123,7 @@ class Qwen2_5_VLFamily(Family):
 
 QWEN2_5_VL = Qwen2_5_VLFamily("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), square_pad=False, vision_attr="visual")
 QWEN3_VL = Qwen2_5_VLFamily("qwen3_vl", ("Qwen3VLForConditionalGeneration",), square_pad=False, vision_attr="visual")
+
+# The mrified classes register themselves with the Auto classes when their modules load: load them with
+# the family, so a saved mrified model loads in a fresh process too (load_pretrained, AutoModelForImageTextToText)
+from . import qwen3_tower, qwen_tower  # noqa: E402, F401
