@@ -292,6 +292,9 @@ def test_qwen_mixed_sizes_image_tokens_equal_the_features_per_image(run, data, t
         features = image_features(model, images)
         assert features.shape == (sum(expected), model.config.text_config.hidden_size)
         assert torch.isfinite(model(**batch).loss)
+        text_batch = FamilyCollator(dataset.tokenizer.pad_token_id)(items[3:])  # image-free: no image inputs at all
+        assert "pixel_values" not in text_batch and torch.isfinite(model(**text_batch).loss)
+        assert torch.isfinite(trainer._blank_image_features(model))  # what an image-free training batch adds (x 0)
     with pytest.raises(Exception, match="high_res_pixel_values"):  # no silent low-res-only run
         model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
 
