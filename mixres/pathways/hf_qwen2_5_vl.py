@@ -149,7 +149,12 @@ class HFQwen2_5_VLPathway(Configurable, nn.Module):
         dtype: parameter dtype.
 
     Attributes:
-        dim, patch_size, num_blocks, merge_size, temporal_patch_size, out_dim (the merger's width).
+        dim: the ViT's width.
+        patch_size: pixels per patch side (14).
+        num_blocks: the ViT's depth.
+        merge_size: the merger's side (2: 2x2 patches per output token).
+        temporal_patch_size: frames per patch (2; an image is repeated).
+        out_dim: the merger's width (the LLM's).
 
     Example:
         >>> vit = HFQwen2_5_VLPathway(dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
