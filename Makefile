@@ -27,7 +27,7 @@ test-slow: venv
 	$(BIN)/python -m pytest -q -m slow tests
 
 docs: venv
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: venv
 	$(BIN)/ruff check mixres integrations benchmarks tests scripts

@@ -15,6 +15,13 @@ LLM prefill on ``N + 64`` tokens (analytic, :func:`benchmarks.flops.llm_prefill_
 family's LLM shape) follow. Gemma 3's attention width (8 heads x 256) differs from its hidden size
 (2560); the Llama-style formula takes ``d_kv = d / heads * kv``, so its prefill is approximate.
 
+**Qwen2.5-VL-7B** (its own ViT: 14-px patches, window attention, the 2x2 merger, ``hf_qwen2_5_vl``)
+reads any size, so "the same pixels read" is a square view of ``R`` px: **native**, the ViT reads
+it itself (``R`` rounded down to a multiple of 28), ``(R / 28)**2`` LLM tokens; **mrified**, the CNN
+reads ``R`` and the ViT the view ``k = 32 / 14`` times smaller per side (mrify's default: the CNN's
+map has the ViT's grid), ``k**2`` fewer tokens (:class:`~mixres.encoders.packed.PackedDualPathwayEncoder`,
+adapters after blocks 8, 16, 24). Its encoder count includes the merger (its projector).
+
 Writes ``benchmarks/results/cost_families.{json,md}``.
 """
 
@@ -49,6 +56,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
         llm=dict(hidden_size=4096, num_layers=32, num_heads=32, num_key_value_heads=8, intermediate_size=14336,
                  vocab_size=128256)),
 }
+# Qwen2.5-VL-7B's vision config (its own ViT) and its LLM (Qwen2.5-7B)
+QWEN2_5_VL_7B: dict[str, Any] = dict(
+    vit=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+             fullatt_block_indexes=[7, 15, 23, 31], window_size=112),
+    llm=dict(hidden_size=3584, num_layers=28, num_heads=28, num_key_value_heads=4, intermediate_size=18944, vocab_size=152064),
+    sizes=(1024, 2048), scale=32 / 14)
 COLUMNS = ["family", "name", "pixels", "vit_px", "vit_grid", "tokens", "encoder", "prefill", "enc_prefill", "vs_native"]
 
 
@@ -86,6 +99,43 @@ def _row(family: str, spec: dict[str, Any], name: str, pixels: int, module: torc
                 encoder=encoder, prefill=prefill, enc_prefill=encoder + prefill)
 
 
+def _qwen_row(name: str, pixels: int, vit_side: int, encoder: torch.nn.Module) -> dict[str, Any]:
+    from mixres.pathways.hf_qwen2_5_vl import HFQwen2_5_VLPathway
+
+    vit = encoder if isinstance(encoder, HFQwen2_5_VLPathway) else encoder.token_pathway
+    grid = torch.tensor([[1, vit_side // 14, vit_side // 14]])
+    patches = torch.zeros(vit_side * vit_side // 196, 1176, device="meta")
+    views = [torch.zeros(1, 3, pixels, pixels, device="meta")]
+    run = (lambda: vit.merge(*vit(patches, grid))) if encoder is vit else (lambda: vit.merge(*encoder(patches, grid, views)))
+    flops = count_flops(run).total
+    tokens = (vit_side // 28) ** 2
+    prefill = llm_prefill_flops(tokens + TEXT_TOKENS, **QWEN2_5_VL_7B["llm"])
+    return dict(family="Qwen2.5-VL-7B", name=name, pixels=pixels, vit_px=vit_side, vit_grid=f"{vit_side // 14}x{vit_side // 14}",
+                tokens=tokens, encoder=flops, prefill=prefill, enc_prefill=flops + prefill)
+
+
+def qwen_rows() -> list[dict[str, Any]]:
+    """Qwen2.5-VL-7B: native at ``R`` px vs mrified at ``R`` px; and native at the mrified ViT view (equal tokens)."""
+    from mixres.encoders.packed import PackedDualPathwayEncoder
+    from mixres.integrations.hf.mrify import default_positions
+
+    spec = QWEN2_5_VL_7B
+    vit_config = {"kind": "pathway", "name": "hf_qwen2_5_vl", "config": spec["vit"]}
+    vit = on_meta(lambda: mixres.build(vit_config))
+    out = []
+    for size in spec["sizes"]:
+        view = int(size / spec["scale"]) // 28 * 28
+        mr_encoder = on_meta(lambda: PackedDualPathwayEncoder(
+            vit_config, {"kind": "pathway", "name": "timm_map", "model_name": "convnext_large_mlp", "out_indices": [-1]},
+            [{"after_block": k, "fusion": {"name": "mr_adapter"}} for k in default_positions(32)]))
+        native, mr = _qwen_row("native", size, size // 28 * 28, vit), _qwen_row("mrified", size, view, mr_encoder)
+        mr["vs_native"] = f"{native['enc_prefill'] / mr['enc_prefill']:.2f}x fewer FLOPs, {native['tokens'] / mr['tokens']:.1f}x fewer tokens"
+        same = _qwen_row("native (the mrified ViT view)", view, view, vit)
+        same["vs_native"] = f"mrified costs {mr['enc_prefill'] / same['enc_prefill']:.2f}x this (same tokens, {size} px read)"
+        out += [native, mr, same]
+    return out
+
+
 def rows() -> list[dict[str, Any]]:
     """Native at its own size, then native and mrified at each larger size of every family."""
     out = []
@@ -99,7 +149,7 @@ def rows() -> list[dict[str, Any]]:
             mr = _row(family, spec, "mrified", size, on_meta(lambda spec=spec, size=size: _mrified(spec, size)), size)
             mr["vs_native"] = f"{native['enc_prefill'] / mr['enc_prefill']:.2f}x fewer FLOPs, {native['tokens'] / mr['tokens']:.1f}x fewer tokens"
             out += [native, mr]
-    return out
+    return out + qwen_rows()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

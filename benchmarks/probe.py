@@ -34,7 +34,7 @@ def hatch_tensors(num: int, seed: int, image_size: int = 128) -> tuple[torch.Ten
         ``images (Tensor[num, 3, S, S])``, ``labels (LongTensor[num])`` (index into
         ``ORIENTATIONS``) and ``boxes (LongTensor[num, 4])`` (the patch, ``x0, y0, x1, y1``).
     """
-    from mixres.integrations.llava.data import ImagePreprocessor
+    from mixres.integrations.llava.preprocess import ImagePreprocessor
     from mixres.integrations.llava.synthetic import ORIENTATIONS, make_hatch_example
 
     prep = ImagePreprocessor(image_size)

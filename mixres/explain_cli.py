@@ -35,7 +35,7 @@ __all__ = ["load_encoder", "plot_explanation", "build_parser", "run", "main"]
 
 
 def _recipe_images(side: int, aspect_ratio: str = "pad") -> tuple[Any, tuple, tuple]:
-    from mixres.integrations.llava.data import ImagePreprocessor
+    from mixres.integrations.llava.preprocess import ImagePreprocessor
 
     prep = ImagePreprocessor(side, aspect_ratio=aspect_ratio)
     return prep, tuple(prep.mean), tuple(prep.std)

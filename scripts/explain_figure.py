@@ -20,7 +20,7 @@ from torch import nn
 
 import mixres
 from mixres.convert import save_converted
-from mixres.integrations.llava.data import CLIP_MEAN, CLIP_STD
+from mixres.integrations.llava.preprocess import CLIP_MEAN, CLIP_STD
 
 SIZE, ITEM = 256, 6
 

@@ -36,8 +36,12 @@ def test_hf_converter_matches_the_release_forward(tmp_path, name):
     state = _release_dir(tmp_path / "src", name)
     report = convert_llava_hr(tmp_path / "src", tmp_path / "hf", preset=mixres_config(name))
     assert report.ok and not report.unexpected and not report.missing
-    model, _ = load_pretrained(tmp_path / "hf")
+    model, loaded = load_pretrained(tmp_path / "hf")
     assert model.config.text_config.hidden_size == LAYOUTS[name].llm_dim
+    # the tower's config names the release's backend, so load_pretrained (chat, eval) preprocesses as released
+    assert model.config.vision_config.image_backend == "pil"
+    assert type(loaded.image_processor).__name__ == "LlavaImageProcessorPil"
+    assert type(load_pretrained(tmp_path / "hf", backend="torchvision")[1].image_processor).__name__ == "LlavaImageProcessor"
     side = LAYOUTS[name].image_size
     pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -47,7 +51,7 @@ def test_hf_converter_matches_the_release_forward(tmp_path, name):
         expected = hidden @ state["model.mm_projector.2.weight"].T + state["model.mm_projector.2.bias"]
     torch.testing.assert_close(features, expected, rtol=0, atol=ATOL)
     torch.testing.assert_close(model.lm_head.weight[:30], state["lm_head.weight"], rtol=0, atol=0)
-    # the release's preprocessing: the PIL backend, on request (transformers' default is torchvision)
+    # a plain AutoProcessor gets the PIL backend on request (transformers' default is torchvision)
     processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
     assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil"
     assert processor.image_processor.do_pad and processor.image_processor.size["shortest_edge"] == side

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -77,6 +78,19 @@ def test_read_questions_formats_and_errors(tmp_path):
     with pytest.raises(MixresError, match="does not exist"):
         read_questions(tmp_path / "missing.json")
     assert main(["eval", "--model", str(tmp_path), "--data", str(path), "--metric", "exact"]) != 0
+
+
+@pytest.mark.parametrize("name, payload, fragment", [
+    ("q.json", b'[{"question_id": 1,', "q.json' is not valid JSON at line 1 column"),
+    ("q.jsonl", b'{"question_id": 1, "text": "a", "answer": "b"}\n\n{"question_id": 2\n', "q.jsonl' is not valid JSON at line 3"),
+    ("q.json", b"\xff\xfe[]", "q.json' is not UTF-8 text"),
+    ("q.json", b"", "holds no questions"),
+])
+def test_unreadable_question_files_are_named_with_the_line(tmp_path, name, payload, fragment):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(MixresError, match=re.escape(fragment)):
+        read_questions(path)
 
 
 TASK_UTILS = '''

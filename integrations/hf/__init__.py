@@ -1,4 +1,7 @@
-"""transformers integration: MRA inside HF MLLMs (LLaVA-1.5, LLaVA-NeXT, PaliGemma).
+"""transformers integration: MRA inside HF MLLMs.
+
+Families :func:`mrify` takes (:data:`FAMILIES`): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, PaliGemma,
+Gemma 3, Idefics3, SmolVLM, Qwen2.5-VL and Qwen3-VL (their own packed ViTs: :mod:`.family_qwen2_5_vl`).
 
 Importing this package registers :class:`MixresVisionConfig` / :class:`MixresVisionModel` with
 ``AutoConfig`` / ``AutoModel`` (``model_type = "mixres_vision"``), so mrified models load with

@@ -22,9 +22,10 @@ embeddings grow to a multiple of 64 rows, new rows the mean of the old ones. The
 (:func:`~mixres.integrations.hf.images.release_image_processor`) pads to a square with the mean
 colour, resizes to ``input_image_size`` and uses the Vicuna v1 prompt of LLaVA-1.5
 (``USER: <image>\\n... ASSISTANT:``) as its chat template. Its PIL backend reproduces the
-release's preprocessing; transformers loads the torchvision backend unless asked:
-``AutoProcessor.from_pretrained(dst, backend="pil")`` (see docs/converting.md for the measured
-difference). Output is written to a temporary directory renamed into place. Nothing is
+release's preprocessing; the tower's config records it (``image_backend="pil"``), so
+:func:`~mixres.integrations.hf.inference.load_pretrained` loads that backend, while a plain
+``AutoProcessor.from_pretrained(dst)`` gives transformers' torchvision default unless asked
+(``backend="pil"``; see docs/converting.md for the measured difference). Output is written to a temporary directory renamed into place. Nothing is
 downloaded: ``src`` is a local directory.
 """
 
@@ -183,7 +184,7 @@ def convert_llava_hr(src: str | Path, dst: str | Path, *, preset: str | dict[str
     _grow_embeddings(tensors, text.vocab_size)
     tensors.update({f"model.vision_tower.encoder.{k}": v for k, v in encoder.state_dict().items()})
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    vision = MixresVisionConfig.from_encoder(encoder)
+    vision = MixresVisionConfig.from_encoder(encoder, image_backend="pil")  # the release's resize (images.py)
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=vision.num_image_tokens,

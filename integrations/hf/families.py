@@ -22,7 +22,8 @@ size and token count. Supported:
 
 Today's SigLIP families live in their own modules (each keeps its own token reduction after the
 encoder): ``llava_onevision`` (:mod:`.family_onevision`), ``gemma3`` (:mod:`.family_gemma3`),
-``idefics3`` / ``smolvlm`` (:mod:`.family_idefics3`). A family subclass overrides the hooks
+``idefics3`` / ``smolvlm`` (:mod:`.family_idefics3`); Qwen2.5-VL and Qwen3-VL, whose ViTs read every image at
+its own size, have their own mrify (``qwen2_5_vl`` / ``qwen3_vl``, :mod:`.family_qwen2_5_vl`). A family subclass overrides the hooks
 :meth:`Family.check`, :meth:`Family.update_config`, :meth:`Family.update_model` and
 :meth:`Family.update_processor`.
 """
@@ -149,6 +150,7 @@ def scale_pinpoints(pinpoints: list[list[int]], old_tile: int, new_tile: int) ->
 from .family_gemma3 import GEMMA3  # noqa: E402  (the family modules subclass Family, defined above)
 from .family_idefics3 import IDEFICS3, SMOLVLM  # noqa: E402
 from .family_onevision import ONEVISION  # noqa: E402
+from .family_qwen2_5_vl import QWEN2_5_VL, QWEN3_VL  # noqa: E402
 
 FAMILIES: tuple[Family, ...] = (
     Family("llava", ("LlavaForConditionalGeneration", "LlavaModel")),
@@ -158,6 +160,8 @@ FAMILIES: tuple[Family, ...] = (
     GEMMA3,
     IDEFICS3,
     SMOLVLM,
+    QWEN2_5_VL,
+    QWEN3_VL,
 )
 
 
@@ -174,6 +178,5 @@ def find_family(model: object) -> Family:
     supported = [c for f in FAMILIES for c in f.model_classes if c.endswith("ForConditionalGeneration")]
     raise UnsupportedModelError(
         f"mrify supports {supported}, but got a {type(model).__name__}; a model whose vision tower is not a "
-        "CLIP / SigLIP ViT inside one of these families has no place for MRA here (Qwen2.5-VL's own ViT is not "
-        "supported yet)"
+        "CLIP / SigLIP ViT inside one of these families (or Qwen2.5-VL's / Qwen3-VL's own ViT) has no place for MRA here"
     )

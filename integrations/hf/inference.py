@@ -132,13 +132,17 @@ def _per_prompt(images: list[Any], prompts: Sequence[str], image_token: str) -> 
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None) -> tuple[torch.nn.Module, Any]:
+                    device: torch.device | str | None = None, backend: str | None = None) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, processor)`` from a local ``save_pretrained`` directory (nothing is downloaded).
 
     Args:
         path: the directory (``config.json``, ``model.safetensors``, processor files).
         dtype: e.g. ``torch.bfloat16``; ``None``: as saved.
         device: where to put the model.
+        backend: the image processor's backend (``"pil"`` / ``"torchvision"``); ``None``: the
+            one the mixres tower's config names (``image_backend``: ``"pil"`` for converted
+            LLaVA-HR checkpoints, which reproduces the release's preprocessing), else
+            transformers' default.
 
     Raises:
         ModelPathError: the directory does not exist, holds no valid ``config.json``, or
@@ -159,7 +163,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
         raise ModelPathError(f"{str(config_file)!r} is not valid JSON ({err})") from None
     try:
         model = _model_class(directory).from_pretrained(directory, local_files_only=True, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+        backend = backend or getattr(getattr(model.config, "vision_config", None), "image_backend", None)
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True, **({"backend": backend} if backend else {}))
     except (OSError, ValueError, KeyError) as err:  # transformers' errors for a directory it cannot load
         if isinstance(err, MixresError):
             raise

@@ -77,6 +77,10 @@ class MixresVisionConfig(PreTrainedConfig):
             ``multi_modal_projector`` (:class:`~mixres.integrations.hf.projector.MixresLlavaForConditionalGeneration`);
             ``None``: the MLLM's own projector.
         feature_grid: the tower's token grid ``[h, w]`` (``None`` for encoders without one, AnyRes).
+        image_backend: the image-processor backend that reproduces the source's preprocessing
+            (``"pil"`` for converted LLaVA-HR checkpoints, whose release resized with PIL);
+            :func:`~mixres.integrations.hf.inference.load_pretrained` loads the processor with
+            it. ``None``: transformers' default backend.
 
     ``image_size // patch_size`` squared is the LLM's token count when the tokens lie on a
     square grid that divides the image (LLaVA-NeXT's packing needs it); otherwise
@@ -96,6 +100,7 @@ class MixresVisionConfig(PreTrainedConfig):
     projection_dim: int | None = None
     projector: dict | None = None
     feature_grid: list | None = None
+    image_backend: str | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:

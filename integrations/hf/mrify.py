@@ -140,11 +140,12 @@ def mrify(
     model: torch.nn.Module,
     *,
     map_pathway: str | Mapping[str, Any] = "convnext_large_mlp",
-    image_size: int = 1024,
+    image_size: int | None = None,
     fusion: str | Mapping[str, Any] = "mr_adapter",
     positions: Sequence[int] | None = None,
     final_fusion: str | Mapping[str, Any] | None = None,
     processor: Any = None,
+    high_res_scale: float | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Put MRA into an HF MLLM: its ViT + a high-res map pathway + adapters, as its new vision tower.
 
@@ -153,18 +154,24 @@ def mrify(
             ``PaliGemmaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
             ``Gemma3ForConditionalGeneration`` (or their ``*Model``), ``Idefics3ForConditionalGeneration``
             or ``SmolVLMForConditionalGeneration`` whose tower is a CLIP / SigLIP ViT
-            (:mod:`~mixres.integrations.hf.families`). Changed **in place** (the tower is replaced, the
+            (:mod:`~mixres.integrations.hf.families`), or a ``Qwen2_5_VLForConditionalGeneration`` /
+            ``Qwen3VLForConditionalGeneration`` (its own ViT, :mod:`~mixres.integrations.hf.family_qwen2_5_vl`). Changed **in place** (the tower is replaced, the
             config updated; Idefics3 / SmolVLM become their ``Mixres*`` subclass).
         map_pathway: the high-res pathway: a timm model name (LLaVA-HR: ``"convnext_large_mlp"``),
             a registered pathway name, or a pathway config dict (e.g. with a local
             ``weights`` for pretrained CNN weights).
-        image_size: the side ``R`` of the (square) high-res input; for AnyRes models, of each tile.
+        image_size: the side ``R`` of the (square) high-res input; for AnyRes models, of each tile
+            (``None``: 1024). Not for Qwen2.5-VL / Qwen3-VL, which read every image at its own size.
         fusion: the in-stream fusion (name or config), e.g. ``"mr_adapter"``, ``"mr_adapter_paper"``.
         positions: blocks after which a fusion runs; ``None``: L/4, L/2, 3L/4.
         final_fusion: ``None`` (LLaVA-HR stage-2 checkpoints keep one: pass ``"mr_final"``), or a
             fusion name / config; its ``out_dim`` is the ViT width so the projector still fits.
         processor: the model's processor; a copy is returned with the new image size, padding,
             pinpoints and ``<image>`` expansion (``None``: none returned).
+        high_res_scale: Qwen2.5-VL / Qwen3-VL only: ``k``, the high-res view's sides over the ViT
+            view's (``None``: the CNN's stride over the ViT's patch, 32 / 14 as LLaVA-HR's 1024 / 448, or
+            32 / 16: the CNN's map has the ViT's grid); the ViT view keeps the processor's
+            ``min_pixels`` / ``max_pixels``.
 
     Returns:
         ``(model, processor)``: the same model object, and the updated processor copy (or ``None``).
@@ -173,7 +180,7 @@ def mrify(
         UnsupportedModelError: an unsupported family, a tower that is not a CLIP / SigLIP ViT, several
             feature layers, a final fusion of another width, an ``image_size`` whose token grid does not
             divide it, or one whose grid the family's own reduction (Gemma 3's pool, Idefics3's pixel
-            shuffle) does not divide.
+            shuffle) does not divide; ``image_size`` for Qwen-VL or ``high_res_scale`` for another family.
         WeightsError: the tower's weights do not fit the pathway (every key is checked).
         ConfigError: bad positions, fusion or map pathway arguments.
 
@@ -185,6 +192,15 @@ def mrify(
         (16, 16)
     """
     family = find_family(model)
+    if hasattr(family, "mrify"):  # Qwen2.5-VL / Qwen3-VL: their own packed ViT
+        if image_size is not None:
+            raise UnsupportedModelError(f"{family.name} reads every image at its own size (min_pixels / max_pixels): pass "
+                                        "high_res_scale (the high-res view's sides over the ViT's), not image_size")
+        return family.mrify(model, map_pathway=map_pathway, fusion=fusion, positions=positions, final_fusion=final_fusion,
+                            processor=processor, high_res_scale=high_res_scale)
+    if high_res_scale is not None:
+        raise UnsupportedModelError(f"high_res_scale is for Qwen2.5-VL / Qwen3-VL; {family.name} reads a square image: pass image_size")
+    image_size = 1024 if image_size is None else image_size
     owner = _vision_owner(model, family)
     old_tile = int(getattr(owner, family.vision_attr).config.image_size)
     encoder = _build_encoder(model, family, image_size, map_pathway, fusion, positions, final_fusion)

@@ -75,11 +75,16 @@ def tiny_llava_onevision(seed: int = 0) -> tuple[LlavaOnevisionForConditionalGen
     return _seeded(seed, lambda: LlavaOnevisionForConditionalGeneration(config)), processor
 
 
-def tiny_gemma3(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
-    """Gemma 3 in miniature: SigLIP (post-norm), the 2x2 average-pool projector (4 tokens), Gemma 3."""
+def tiny_gemma3(seed: int = 0, sliding_window: int = 8) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """Gemma 3 in miniature: SigLIP (post-norm), the 2x2 average-pool projector (4 tokens), Gemma 3.
+
+    Both LLM layers are sliding-window layers (Gemma 3's pattern starts so) of ``sliding_window``
+    tokens: with the default 8, a token sees at most 16 back, so a templated conversation's
+    answers need a wider one to see the image (the recipe builds it with 512).
+    """
     ids = {t: len(WORDS) + i for i, t in enumerate(_GEMMA3_TOKENS)}
     text = Gemma3TextConfig(hidden_size=_WIDTH, intermediate_size=2 * _WIDTH, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=16, vocab_size=_vocab(_GEMMA3_TOKENS), sliding_window=8,
+                            num_key_value_heads=1, head_dim=16, vocab_size=_vocab(_GEMMA3_TOKENS), sliding_window=sliding_window,
                             pad_token_id=1, bos_token_id=2, eos_token_id=3)
     config = Gemma3Config(vision_config=SiglipVisionConfig(**_VIT, vision_use_head=False), text_config=text,
                           mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"],

@@ -2,23 +2,16 @@
 
 - :mod:`.synthetic`: a fine-detail VQA dataset drawn from a seed (the recipe's default data).
 - :mod:`.templates`: conversation templates ``plain``, ``vicuna_v1``, ``chat_template``.
-- :mod:`.data`: :class:`LlavaDataset` over LLaVA JSON + images, and :class:`LlavaCollator`.
+- :mod:`.data`: :class:`LlavaDataset` over LLaVA JSON + images; :mod:`.collator`: :class:`LlavaCollator`;
+  :mod:`.preprocess`: :class:`ImagePreprocessor`.
 
 Needs Pillow (``pip install 'mixres[hf]'``); a tokenizer is passed in, so transformers is not
 imported here.
 """
 
-from .data import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IGNORE_INDEX,
-    ImagePreprocessor,
-    LlavaCollator,
-    LlavaDataError,
-    LlavaDataset,
-    expand2square,
-    tokenize_conversation,
-)
+from .collator import IGNORE_INDEX, LlavaCollator
+from .data import LlavaDataError, LlavaDataset, expand2square, tokenize_conversation
+from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
 from .synthetic import ANSWERS, SyntheticExample, SyntheticPaths, exact_match, generate_dataset, make_example
 from .templates import (
     TEMPLATES,

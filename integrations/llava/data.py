@@ -1,4 +1,4 @@
-"""LLaVA training data: a ``Dataset`` over LLaVA JSON + an image folder, and its collator.
+"""LLaVA training data: a ``Dataset`` over LLaVA JSON + an image folder.
 
 Follows LLaVA's ``LazySupervisedDataset`` / ``DataCollatorForSupervisedDataset``
 (``llava/train/train.py``) with three changes, all for clear failures:
@@ -17,11 +17,10 @@ Follows LLaVA's ``LazySupervisedDataset`` / ``DataCollatorForSupervisedDataset``
   counted in ``skipped`` and left out. A corrupt image is only found when loaded: it raises, or
   is counted and replaced by the next sample.
 
-Mixed batches (image and text-only samples): the collator stacks ``pixel_values`` of the image
-samples only, in batch order (the *i*-th image fills the *i*-th run of image tokens), or with
-``text_only_images="zeros"`` gives every sample a row (zeros for text-only, as original LLaVA)
-and can add ``image_flags``. For length-grouped sampling use :attr:`LlavaDataset.lengths` or
-:attr:`LlavaDataset.modality_lengths` (negative for text-only, LLaVA's ``group_by_modality_length``).
+Batches: :class:`~.collator.LlavaCollator` (re-exported here), images:
+:class:`~.preprocess.ImagePreprocessor`. For length-grouped sampling use
+:attr:`LlavaDataset.lengths` or :attr:`LlavaDataset.modality_lengths` (negative for text-only,
+LLaVA's ``group_by_modality_length``).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,37 +39,24 @@ from mixres.errors import MixresError
 from mixres.images import RGB_MODES, SIXTEEN_BIT_MODES, expand2square, to_rgb
 from mixres.utils import check_choice, check_positive_int, lazy_import
 
+from .collator import IGNORE_INDEX, LlavaCollator
+from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
 from .templates import Rendered, Template, TemplateError, get_template
 
 Image = lazy_import("PIL.Image")
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "IGNORE_INDEX",
     "LlavaDataError",
-    "RGB_MODES",
-    "SIXTEEN_BIT_MODES",
-    "to_rgb",
-    "expand2square",
-    "ImagePreprocessor",
     "tokenize_conversation",
     "LlavaDataset",
-    "LlavaCollator",
 ]
+# moved to .collator / .preprocess; still importable from here
+_MOVED = (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, ImagePreprocessor, LlavaCollator, RGB_MODES, SIXTEEN_BIT_MODES, expand2square)
 
 logger = logging.getLogger(__name__)
 
-# CLIP's normaliser (transformers' OPENAI_CLIP_MEAN / _STD), repeated so this module needs no transformers
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IGNORE_INDEX = -100
 OnError = Literal["raise", "skip"]
 ON_ERROR = ("raise", "skip")
-AspectRatio = Literal["pad", "crop"]
-ASPECT_RATIOS = ("pad", "crop")
-TextOnlyImages = Literal["drop", "zeros"]
-TEXT_ONLY_IMAGES = ("drop", "zeros")
 
 
 class LlavaDataError(MixresError):
@@ -80,78 +65,6 @@ class LlavaDataError(MixresError):
 
 class _UnreadableImage(Exception):
     """Raised inside the dataset when an image cannot be decoded; turned into LlavaDataError."""
-
-
-# ---------------------------------------------------------------------------------------------
-# images
-
-
-# modes PIL converts to 8-bit RGB without losing the scale; 16-bit grey (``I;16*``, what PIL
-# opens a 16-bit grey PNG as) is scaled by hand; 32-bit ``I`` / float ``F`` have no agreed range
-@dataclass(frozen=True)
-class ImagePreprocessor:
-    """PIL image -> normalised float tensor ``[3, size, size]``, as LLaVA feeds its vision tower.
-
-    ``aspect_ratio="pad"`` (LLaVA's ``image_aspect_ratio="pad"``, stage 2 of LLaVA-1.5 and
-    LLaVA-HR) pads to a square with the mean colour ``tuple(int(x * 255) for x in mean)`` and
-    resizes; ``"crop"`` (CLIP's processor, LLaVA's default in stage 1) resizes the short side
-    and centre-crops. Resizing is bicubic; then ``(x / 255 - mean) / std``.
-
-    Args:
-        size: output side in pixels (the encoder's input resolution, e.g. 1024 for LLaVA-HR).
-        mean: per-channel mean (CLIP's by default).
-        std: per-channel std (CLIP's by default).
-        aspect_ratio: ``"pad"`` or ``"crop"``.
-
-    Example:
-        >>> ImagePreprocessor(size=64)(Image.new("RGB", (80, 40))).shape
-        torch.Size([3, 64, 64])
-    """
-
-    size: int = 336
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    aspect_ratio: AspectRatio = "pad"
-
-    def __post_init__(self) -> None:
-        check_positive_int("size", self.size)
-        check_choice("aspect_ratio", self.aspect_ratio, ASPECT_RATIOS)
-        for name, v in (("mean", self.mean), ("std", self.std)):
-            if len(v) != 3:
-                raise MixresError(f"{name} has to have 3 values (R, G, B), but got {v!r}")
-        if min(self.std) <= 0:
-            raise MixresError(f"std has to be > 0 for every channel, but got {self.std!r}")
-
-    @classmethod
-    def from_hf(cls, processor: Any, size: int | None = None, aspect_ratio: AspectRatio = "pad") -> ImagePreprocessor:
-        """Take mean and std (and the size, unless given) from an HF image processor."""
-        size = size or processor.crop_size["height"]
-        return cls(size, tuple(processor.image_mean), tuple(processor.image_std), aspect_ratio)
-
-    @property
-    def background(self) -> tuple[int, int, int]:
-        """The padding colour: the mean in 0-255, truncated as LLaVA does."""
-        return tuple(int(x * 255) for x in self.mean)  # type: ignore[return-value]
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        """Preprocess one PIL image to ``Tensor[3, size, size]`` (converted by :func:`to_rgb`)."""
-        image = to_rgb(image)
-        if self.aspect_ratio == "pad":
-            image = expand2square(image, self.background).resize((self.size, self.size), Image.BICUBIC)
-        else:
-            image = _resize_short_side_and_crop(image, self.size)
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
-        pixels = pixels.permute(2, 0, 1).float() / 255.0
-        return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
-
-
-def _resize_short_side_and_crop(image: Any, size: int) -> Any:
-    w, h = image.size
-    scale = size / min(w, h)
-    w, h = max(size, int(w * scale)), max(size, int(h * scale))
-    image = image.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,107 +364,3 @@ def _load_records(data: Any) -> tuple[list[Any], Path]:
 def _brief(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# collator
-
-
-@dataclass(frozen=True)
-class LlavaCollator:
-    """Batch :class:`LlavaDataset` items: right-pad text, stack images.
-
-    Returns ``input_ids`` and ``labels`` (``LongTensor[B, L]``, padded with ``pad_token_id`` and
-    ``-100``), ``attention_mask`` (``LongTensor[B, L]``, 1 on real tokens) and, if any sample
-    has an image, ``pixel_values``:
-
-    - ``text_only_images="drop"``: ``FloatTensor[n_images, 3, S, S]`` of the image samples in
-      batch order (HF LLaVA: the *i*-th image fills the *i*-th run of image tokens);
-    - ``"zeros"``: ``FloatTensor[B, 3, S, S]``, zeros for text-only samples (original LLaVA).
-
-    Args:
-        pad_token_id: id used to pad ``input_ids`` (masked by ``attention_mask`` anyway).
-        text_only_images: ``"drop"`` or ``"zeros"``.
-        image_size: ``S``, needed by ``"zeros"`` for a batch without any image.
-        return_image_flags: add ``image_flags`` (``BoolTensor[B]``, True where a sample has an image).
-        pad_to_multiple_of: round the padded length up to a multiple of this.
-    """
-
-    pad_token_id: int
-    text_only_images: TextOnlyImages = "drop"
-    image_size: int | None = None
-    return_image_flags: bool = False
-    pad_to_multiple_of: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-            raise TypeError(f"pad_token_id has to be an int, but got {self.pad_token_id!r}")
-        check_choice("text_only_images", self.text_only_images, TEXT_ONLY_IMAGES)
-        if self.pad_to_multiple_of is not None:
-            check_positive_int("pad_to_multiple_of", self.pad_to_multiple_of)
-
-    @classmethod
-    def from_dataset(cls, dataset: LlavaDataset, **kwargs: Any) -> LlavaCollator:
-        """A collator with the dataset's pad token (or unk, as LLaVA for LLaMA) and image size."""
-        tok = dataset.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(tok, "unk_token_id", None)
-        if pad is None:
-            raise MixresError("the tokenizer has neither pad_token_id nor unk_token_id; pass pad_token_id yourself")
-        return cls(pad, **dict(dict(image_size=dataset.image_processor.size), **kwargs))
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise MixresError("cannot collate an empty batch")
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": _pad([f["input_ids"] for f in features], length, self.pad_token_id),
-            "labels": _pad([f["labels"] for f in features], length, IGNORE_INDEX),
-            "attention_mask": _pad([torch.ones(len(f["input_ids"]), dtype=torch.long) for f in features], length, 0),
-        }
-        flags = [f.get("pixel_values") is not None for f in features]
-        pixels = self._pixels(features, flags)
-        if pixels is not None:
-            batch["pixel_values"] = pixels
-        if self.return_image_flags:
-            batch["image_flags"] = torch.tensor(flags, dtype=torch.bool)
-        return batch
-
-    def _pixels(self, features: Sequence[Mapping[str, Any]], flags: list[bool]) -> torch.Tensor | None:
-        images = [f["pixel_values"] for f, has in zip(features, flags) if has]
-        _check_same_image_shape(features, flags, self.image_size if self.text_only_images == "zeros" else None)
-        if self.text_only_images == "drop":
-            return torch.stack(images) if images else None
-        if not images and self.image_size is None:
-            raise MixresError("text_only_images='zeros' needs image_size for a batch without images")
-        shape = images[0].shape if images else (3, self.image_size, self.image_size)
-        zeros = torch.zeros(shape, dtype=images[0].dtype if images else torch.float32)
-        return torch.stack([f["pixel_values"] if has else zeros for f, has in zip(features, flags)])
-
-
-def _check_same_image_shape(features: Sequence[Mapping[str, Any]], flags: list[bool], size: int | None) -> None:
-    """One batch, one image shape (and ``[3, size, size]`` when a size is known): else a clear error."""
-    shapes = {}
-    for k, (f, has) in enumerate(zip(features, flags)):
-        if has:
-            pixels = f["pixel_values"]
-            if not isinstance(pixels, torch.Tensor) or pixels.ndim != 3:
-                raise MixresError(f"pixel_values of sample {f.get('id', f'#{k}')!r} has to be a Tensor[3, S, S], "
-                                  f"but got {getattr(pixels, 'shape', type(pixels).__name__)}")
-            shapes.setdefault(tuple(pixels.shape), []).append(str(f.get("id", f"#{k}")))
-    expected = {(3, size, size)} if size is not None and shapes else set()
-    if len(shapes) > 1 or (expected and set(shapes) != expected):
-        listed = "; ".join(f"{list(shape)}: {ids[:3]}" for shape, ids in shapes.items())
-        want = f" (expected [3, {size}, {size}])" if size is not None else ""
-        raise MixresError(
-            f"cannot stack images of different sizes in one batch{want}: {listed}; give every sample the same "
-            "image processor (one size), or batch by size"
-        )
-
-
-def _pad(rows: Sequence[Any], length: int, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for k, row in enumerate(rows):
-        out[k, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out

@@ -70,7 +70,7 @@ def high_res_map(model: Any, image: Any) -> tuple[torch.Tensor | None, dict[str,
     """
     from mixres.explain import explain
 
-    from .data import ImagePreprocessor
+    from .preprocess import ImagePreprocessor
 
     encoder = model.model.vision_tower.encoder
     side = int(model.config.vision_config.image_size)

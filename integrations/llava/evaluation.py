@@ -86,11 +86,25 @@ def read_questions(path: str | os.PathLike[str], limit: int | None = None) -> li
     path = Path(path)
     if not path.is_file():
         raise MixresError(f"question file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        rows: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MixresError(f"question file {str(path)!r} is not UTF-8 text ({err})") from None
+    rows: Any = []
+    # JSON lines are parsed one by one so that the error names the line of the file
+    lines = enumerate(text.splitlines(), 1) if path.suffix == ".jsonl" else [(None, text)]
+    for number, chunk in lines:
+        if not chunk.strip():
+            continue
+        try:
+            value = json.loads(chunk)
+        except json.JSONDecodeError as err:
+            where = f"line {number}" if number is not None else f"line {err.lineno} column {err.colno}"
+            raise MixresError(f"question file {str(path)!r} is not valid JSON at {where}: {err.msg}") from None
+        if number is None:
+            rows = value
+        else:
+            rows.append(value)
     if isinstance(rows, Mapping):
         rows = rows.get("data", rows.get("questions"))
     if not isinstance(rows, list) or not rows:

@@ -80,6 +80,14 @@ class RecipeArguments:
             ``checkpoint-*`` directories (refused otherwise; theirs are never rotated away).
         allow_partial_resume: resume from a checkpoint without optimizer / scheduler / RNG
             state (they start fresh, with a warning) instead of refusing it.
+        base_model: start from an existing HF MLLM of a supported family and mrify it
+            (:mod:`.families`): ``onevision-tiny``, ``gemma3-tiny``, ``idefics3-tiny``,
+            ``smolvlm-tiny`` (tiny random models) or a local ``save_pretrained`` directory of a
+            LLaVA-OneVision / Gemma 3 / Idefics3 / SmolVLM model; ``None``: the LLaVA recipe.
+            Needs ``template: chat_template`` (the family's own) and ``image_size``.
+        mrify: a family model's :func:`~mixres.integrations.hf.mrify` arguments besides
+            ``image_size`` (a mapping in a recipe file, JSON on the command line), e.g.
+            ``{"map_pathway": "convnext_large_mlp", "final_fusion": null}``.
         llm_init_range: ``llm: tiny`` only: the random Llama's ``initializer_range`` (std of its
             weights); ``None``: transformers' 0.02. A larger one (0.1) lets a from-scratch toy
             LLM pass image features on early instead of learning the answer prior first.
@@ -114,10 +122,14 @@ class RecipeArguments:
     overwrite_output_dir: bool = False
     allow_partial_resume: bool = False
     llm_init_range: float | None = None
+    base_model: str | None = None
+    mrify: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_overrides, Mapping):
             self.vision_overrides = json.dumps(self.vision_overrides)
+        if isinstance(self.mrify, Mapping):
+            self.mrify = json.dumps(self.mrify)
         _ = self.vision_overrides_dict  # a bad JSON fails here, before anything is built
         for name in ("trainable", "freeze", "lora"):
             value = getattr(self, name)

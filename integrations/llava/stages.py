@@ -26,8 +26,14 @@ def model_parts(model: Any) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
     """The named parameters of each part: the encoder's parts, ``projector`` and ``llm``.
 
     LoRA weights count as ``llm``. A part the encoder does not use (the map pathway of a
-    low-res-only encoder) is not listed, so it is never trained.
+    low-res-only encoder) is not listed, so it is never trained. A family model (LLaVA-OneVision,
+    Gemma 3, Idefics3 / SmolVLM, Qwen2.5-VL / Qwen3-VL) has its parts from :func:`~.families.family_parts`.
     """
+    from .families import family_parts
+
+    family = family_parts(model)
+    if family is not None:
+        return family
     encoder = model.model.vision_tower.encoder
     out = {name: [(name, part)] if isinstance(part, torch.nn.Parameter) else list(part.named_parameters(prefix=name))
            for name, part in encoder.parts().items()}
@@ -87,7 +93,9 @@ def apply_lora(model: Any, recipe: RecipeArguments) -> int:
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    llm = model.model.language_model
+    from .families import llm_module
+
+    llm = llm_module(model)
     names = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear)})
     if not names:
         raise RecipeError(f"lora found no linear layers in the LLM ({type(llm).__name__})")
@@ -102,7 +110,9 @@ def merge_lora(model: Any) -> None:
     """Fold LoRA adapters into the LLM's weights and put the plain layers back (in place)."""
     from peft.tuners.lora import LoraLayer
 
-    llm = model.model.language_model
+    from .families import llm_module
+
+    llm = llm_module(model)
     for name, module in list(llm.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()

@@ -48,6 +48,7 @@ from transformers import TrainingArguments
 from . import distributed
 from .data import LlavaCollator, LlavaDataset
 from .evaluation import evaluate, predict
+from .families import is_family_directory
 from .model import TINY_LLM, ProcessorImages, build_model, processor_for, set_image_size
 from .recipe import RECIPES, RecipeArguments, RecipeError, list_recipes, load_recipe, parse_args
 from .stages import apply_lora, merge_lora, model_parts, part_parameters, resolve_parts, set_trainable
@@ -144,6 +145,10 @@ def train(recipe: RecipeArguments, training: TrainingArguments,
     recipe = _default_data(recipe, training)
     training.remove_unused_columns = False  # the collator reads the dataset's own keys
     distributed.prepare(training)  # DeepSpeed on CPU: zero.Init needs deepspeed.comm on the job's group
+    if recipe.base_model or is_family_directory(recipe.model):  # LLaVA-OneVision, Gemma 3, Idefics3 / SmolVLM
+        from .family_train import train_family
+
+        return train_family(recipe, training, callbacks)
     model, tokenizer = build_model(recipe, training)
     trained, absent = resolve_parts(model, recipe.trainable_parts, recipe.frozen_parts)
     set_trainable(model, recipe.trainable_parts, recipe.frozen_parts)
