@@ -16,9 +16,6 @@ from typing import Any
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageTextToText,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLModel,
@@ -28,8 +25,7 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionCon
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel
 
 from .modeling import without_weight_paths
-from .qwen_processor import MixresQwen2VLImageProcessor
-from .qwen_tower import HighResInputs, MixresQwen2_5_VisionModel, high_res_forward
+from .qwen_tower import HighResInputs, MixresQwen2_5_VisionModel, high_res_forward, register_mrified
 
 __all__ = ["MixresQwen3VLVisionConfig", "MixresQwen3VLVisionModel", "MixresQwen3VLConfig", "MixresQwen3VLModel",
            "MixresQwen3VLForConditionalGeneration"]
@@ -84,8 +80,4 @@ class MixresQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     forward = high_res_forward(Qwen3VLForConditionalGeneration)
 
 
-AutoConfig.register(MixresQwen3VLVisionConfig.model_type, MixresQwen3VLVisionConfig, exist_ok=True)
-AutoModel.register(MixresQwen3VLVisionConfig, MixresQwen3VLVisionModel, exist_ok=True)
-AutoConfig.register(MixresQwen3VLConfig.model_type, MixresQwen3VLConfig, exist_ok=True)
-AutoModelForImageTextToText.register(MixresQwen3VLConfig, MixresQwen3VLForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(MixresQwen3VLConfig, image_processor_classes={"torchvision": MixresQwen2VLImageProcessor}, exist_ok=True)
+register_mrified(MixresQwen3VLVisionConfig, MixresQwen3VLVisionModel, MixresQwen3VLConfig, MixresQwen3VLForConditionalGeneration)

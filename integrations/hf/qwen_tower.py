@@ -47,7 +47,7 @@ from .modeling import without_weight_paths
 from .qwen_processor import MixresQwen2VLImageProcessor, unpack_high_res
 
 __all__ = ["MixresQwen2_5_VLVisionConfig", "MixresQwen2_5_VisionModel", "MixresQwen2_5_VLConfig", "MixresQwen2_5_VLModel",
-           "MixresQwen2_5_VLForConditionalGeneration", "HighResInputs", "high_res_forward"]
+           "MixresQwen2_5_VLForConditionalGeneration", "HighResInputs", "high_res_forward", "register_mrified"]
 
 
 class MixresQwen2_5_VLVisionConfig(Qwen2_5_VLVisionConfig):
@@ -234,8 +234,14 @@ class MixresQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     forward = high_res_forward(Qwen2_5_VLForConditionalGeneration)
 
 
-AutoConfig.register(MixresQwen2_5_VLVisionConfig.model_type, MixresQwen2_5_VLVisionConfig, exist_ok=True)
-AutoModel.register(MixresQwen2_5_VLVisionConfig, MixresQwen2_5_VisionModel, exist_ok=True)
-AutoConfig.register(MixresQwen2_5_VLConfig.model_type, MixresQwen2_5_VLConfig, exist_ok=True)
-AutoModelForImageTextToText.register(MixresQwen2_5_VLConfig, MixresQwen2_5_VLForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(MixresQwen2_5_VLConfig, image_processor_classes={"torchvision": MixresQwen2VLImageProcessor}, exist_ok=True)
+def register_mrified(vision_config: type, vision_model: type, config: type, model: type) -> None:
+    """Register a mrified Qwen family with the Auto classes (a saved model then loads by its ``model_type``)."""
+    AutoConfig.register(vision_config.model_type, vision_config, exist_ok=True)
+    AutoModel.register(vision_config, vision_model, exist_ok=True)
+    AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModelForImageTextToText.register(config, model, exist_ok=True)
+    AutoImageProcessor.register(config, image_processor_classes={"torchvision": MixresQwen2VLImageProcessor}, exist_ok=True)
+
+
+register_mrified(MixresQwen2_5_VLVisionConfig, MixresQwen2_5_VisionModel, MixresQwen2_5_VLConfig,
+                 MixresQwen2_5_VLForConditionalGeneration)

@@ -215,15 +215,21 @@ class LlavaDataset(Dataset):
             rendered = self._render(record)
         except (LlavaDataError, TemplateError) as err:
             return self._fail(sample_id, str(err))
+        length = self._length(rendered)
+        if isinstance(length, str):
+            return self._fail(sample_id, length)
+        self._records.append(record)
+        self._lengths.append(length)
+
+    def _length(self, rendered: Rendered) -> int | str:
+        """The sample's token count with its images expanded, or why it is refused."""
         n_images = rendered.text.count(self.image_token)
         length = len(self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"])
         length += n_images * (self.num_image_tokens - 1)
         if length > self.max_length:
-            return self._fail(sample_id, f"{length} tokens ({n_images * self.num_image_tokens} of them image "
-                                         f"tokens) exceed max_length={self.max_length}; raise max_length or "
-                                         "drop the sample (samples are never truncated)")
-        self._records.append(record)
-        self._lengths.append(length)
+            return (f"{length} tokens ({n_images * self.num_image_tokens} of them image tokens) exceed "
+                    f"max_length={self.max_length}; raise max_length or drop the sample (samples are never truncated)")
+        return length
 
     def _check(self, record: Any) -> dict[str, Any]:
         """Structure and image checks; returns the record with the placeholder moved first."""

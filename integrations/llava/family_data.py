@@ -148,15 +148,9 @@ class FamilyDataset(LlavaDataset):
         except TemplateError as err:
             raise LlavaDataError(f"chat template: {err}") from None
 
-    def _add(self, index: int, record: Any) -> None:
-        sample_id = str(record.get("id", f"#{index}")) if isinstance(record, Mapping) else f"#{index}"
-        try:
-            record = self._check(record)
-            rendered = self._render(record)
-        except (LlavaDataError, TemplateError) as err:
-            return self._fail(sample_id, str(err))
-        self._records.append(record)
-        self._lengths.append(len(self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"]))
+    def _length(self, rendered: Rendered) -> int:
+        # the text alone: the expansion depends on the image, so max_length is checked when a sample loads
+        return len(self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"])
 
     def _item(self, i: int) -> dict[str, Any]:
         record = self._records[i]
