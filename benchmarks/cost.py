@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 import mixres
+from mixres.flops import llm_costs
+from mixres.plan import VIT_SIZES  # the ViT sweep mixres plan lists too
 
 from . import RESULTS, human, markdown_table, write_results
 from .flops import (
@@ -43,17 +45,13 @@ from .flops import (
     TEXT_TOKENS,
     FlopCount,
     count_flops,
-    llm_prefill_flops,
     num_params,
     on_meta,
-    projector_flops,
-    token_shape,
 )
 
 __all__ = ["measure", "single_vit", "main", "LLM_WIDTH", "TARGETS"]
 
 LLM_WIDTH = 4096
-VIT_SIZES = (336, 448, 672, 1022, 1526)  # multiples of 14 (1022 ≈ 1024, 1526 ≈ 1536)
 S2_SCALES = ((336, 672), (336, 672, 1008))
 HR_PRESETS = ("llava-hr-7b-384", "llava-hr-7b-768", "llava-hr-7b-1024", "llava-hr-7b-1536", "llava-hr-x-1024")
 ZOO_AT = "llava-hr-7b-1024"
@@ -90,26 +88,9 @@ def measure(
     """Count one forward ``call(module)`` and derive tokens, projector and prefill FLOPs."""
     result: dict[str, Any] = {}
     count = count_flops(lambda: result.setdefault("out", call(module)))
-    tokens, width = token_shape(result["out"])
-    projector = 0 if width == LLM_WIDTH else projector_flops(tokens, width, LLM_WIDTH)
-    prefill = llm_prefill_flops(tokens + TEXT_TOKENS)
-    kv_cache = 2 * LLAMA2_7B["num_layers"] * LLAMA2_7B["hidden_size"] * (tokens + TEXT_TOKENS) * 2  # K and V, bf16
-    return dict(
-        family=family,
-        name=name,
-        image=image,
-        vit_px=vit_px,
-        tokens=tokens,
-        width=width,
-        params=num_params(module),
-        encoder=count.total,
-        projector=projector,
-        prefill=prefill,
-        enc_prefill=count.total + prefill,
-        kv_cache=kv_cache,
-        note=note,
-        _count=count,
-    )
+    costs = llm_costs(result["out"], count.total, LLAMA2_7B)
+    return dict(family=family, name=name, image=image, vit_px=vit_px, tokens=costs.pop("tokens"), width=costs.pop("width"),
+                params=num_params(module), encoder=count.total, **costs, note=note, _count=count)
 
 
 def _vit_rows() -> list[dict[str, Any]]:

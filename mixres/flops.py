@@ -55,6 +55,7 @@ __all__ = [
     "llama_config",
     "counted_prefill_flops",
     "token_shape",
+    "llm_costs",
 ]
 
 # Llama-2-7B (the LLM of LLaVA-1.5-7B and LLaVA-HR-7B; Vicuna-7B has the same shapes)
@@ -213,3 +214,28 @@ def token_shape(out: Any) -> tuple[int, int]:
     if isinstance(out, list):
         out = out[0][None]
     return int(out.shape[1]), int(out.shape[2])
+
+
+def llm_costs(out: Any, encoder: int, llm: dict[str, int] = LLAMA2_7B) -> dict[str, int]:
+    """What an encoder output costs the LLM: the shared columns of ``benchmarks.cost`` and ``mixres plan``.
+
+    Args:
+        out: the encoder's output (anything :func:`token_shape` reads).
+        encoder: the encoder's counted FLOPs.
+        llm: Llama shapes (:data:`LLAMA2_7B` or the 13B ones).
+
+    Returns:
+        ``tokens``, ``width``, ``projector`` (LLaVA's 2-layer MLP to the LLM width; 0 when the
+        width already matches), ``prefill`` (on ``tokens + TEXT_TOKENS``), ``enc_prefill``
+        (encoder + prefill) and ``kv_cache`` (bytes of K and V in bf16 over the same tokens).
+
+    Example:
+        >>> llm_costs(torch.zeros(1, 576, 1024), encoder=0)["kv_cache"] == 2 * 32 * 4096 * (576 + TEXT_TOKENS) * 2
+        True
+    """
+    tokens, width = token_shape(out)
+    d = llm["hidden_size"]
+    prefill = llm_prefill_flops(tokens + TEXT_TOKENS, **llm)
+    return dict(tokens=tokens, width=width, projector=0 if width == d else projector_flops(tokens, width, d),
+                prefill=prefill, enc_prefill=encoder + prefill,
+                kv_cache=2 * llm["num_layers"] * d * (tokens + TEXT_TOKENS) * 2)  # K and V, bf16

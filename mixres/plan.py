@@ -43,11 +43,9 @@ from .flops import (
     LLAMA2_7B,
     TEXT_TOKENS,
     count_flops,
-    llm_prefill_flops,
+    llm_costs,
     num_params,
     on_meta,
-    projector_flops,
-    token_shape,
 )
 
 __all__ = ["LLMS", "VIT_SIZES", "Candidate", "candidates", "measure", "plan", "format_plan", "main"]
@@ -58,7 +56,7 @@ LLMS: dict[str, dict[str, int]] = {
     "13b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_key_value_heads=40, intermediate_size=13824,
                 vocab_size=32000),
 }
-VIT_SIZES: tuple[int, ...] = (336, 448, 672, 1022, 1526)  # multiples of 14, as benchmarks/cost.py
+VIT_SIZES: tuple[int, ...] = (336, 448, 672, 1022, 1526)  # multiples of 14 (1022 ~ 1024); benchmarks/cost.py sweeps these
 
 
 @dataclass
@@ -112,22 +110,14 @@ def candidates(pattern: str = "*") -> list[Candidate]:
 
 def measure(candidate: Candidate, llm: str = "7b") -> dict[str, Any]:
     """Build ``candidate`` on meta, count one forward, derive the row (see the module docstring)."""
-    shapes = LLMS[llm]
     module = on_meta(candidate.build)
     result: dict[str, Any] = {}
     encoder = count_flops(lambda: result.setdefault("out", candidate.call(module))).total
-    tokens, width = token_shape(result["out"])
     image = candidate.image or int(module.image_size[0])
-    d = shapes["hidden_size"]
-    prefill = llm_prefill_flops(tokens + TEXT_TOKENS, **shapes)
     vit_px = module.vit_size(image)[0] if hasattr(module, "vit_size") else (image if "ViT" in candidate.family else "-")
-    return dict(
-        family=candidate.family, name=candidate.name, image=image, vit_px=vit_px, tokens=tokens, width=width,
-        params=num_params(module), encoder=encoder,
-        projector=0 if width == d else projector_flops(tokens, width, d),
-        prefill=prefill, enc_prefill=encoder + prefill,
-        kv_cache=2 * shapes["num_layers"] * d * (tokens + TEXT_TOKENS) * 2,  # K and V, bf16
-    )
+    costs = llm_costs(result["out"], encoder, LLMS[llm])
+    return dict(family=candidate.family, name=candidate.name, image=image, vit_px=vit_px, tokens=costs.pop("tokens"),
+                width=costs.pop("width"), params=num_params(module), encoder=encoder, **costs)
 
 
 def plan(
