@@ -9,8 +9,10 @@ Needs Pillow (``pip install 'mixres[hf]'``); a tokenizer is passed in, so transf
 imported here.
 """
 
+from mixres.images import expand2square
+
 from .collator import IGNORE_INDEX, LlavaCollator
-from .data import LlavaDataError, LlavaDataset, expand2square, tokenize_conversation
+from .data import LlavaDataError, LlavaDataset, tokenize_conversation
 from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
 from .synthetic import ANSWERS, SyntheticExample, SyntheticPaths, exact_match, generate_dataset, make_example
 from .templates import (

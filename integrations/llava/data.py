@@ -36,11 +36,11 @@ import torch
 from torch.utils.data import Dataset
 
 from mixres.errors import MixresError
-from mixres.images import RGB_MODES, SIXTEEN_BIT_MODES, expand2square, to_rgb
+from mixres.images import to_rgb
 from mixres.utils import check_choice, check_positive_int, lazy_import
 
-from .collator import IGNORE_INDEX, LlavaCollator
-from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
+from .collator import IGNORE_INDEX
+from .preprocess import ImagePreprocessor
 from .templates import Rendered, Template, TemplateError, get_template
 
 Image = lazy_import("PIL.Image")
@@ -50,8 +50,6 @@ __all__ = [
     "tokenize_conversation",
     "LlavaDataset",
 ]
-# moved to .collator / .preprocess; still importable from here
-_MOVED = (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, ImagePreprocessor, LlavaCollator, RGB_MODES, SIXTEEN_BIT_MODES, expand2square)
 
 logger = logging.getLogger(__name__)
 

@@ -55,9 +55,6 @@ from .recipe import RecipeArguments, RecipeError
 
 __all__ = ["FamilyRecipe", "FAMILY_RECIPES", "TINY_BASES", "family_recipe", "family_parts", "is_family_directory", "llm_module",
            "is_family_model", "build_family_model", "set_family_image_size", "family_image_size"]
-# the templates and prepare_processor live in .family_processor (imported above for the rows and callers)
-_FROM_PROCESSOR = (GEMMA3_TEMPLATE, IDEFICS3_TEMPLATE, ONEVISION_TEMPLATE, QWEN2_5_VL_TEMPLATE, QWEN3_VL_TEMPLATE,
-                   SMOLVLM_TEMPLATE, prepare_processor)
 
 _QWEN_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 

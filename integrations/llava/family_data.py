@@ -30,7 +30,8 @@ import torch
 
 from mixres.errors import MixresError
 
-from .data import IGNORE_INDEX, LlavaDataError, LlavaDataset, _labels, _load_records, _UnreadableImage, to_rgb
+from .collator import IGNORE_INDEX
+from .data import LlavaDataError, LlavaDataset, _labels, _load_records, _UnreadableImage, to_rgb
 from .templates import Rendered, TemplateError, conversation_pairs
 
 __all__ = ["render_conversation", "align_labels", "FamilyDataset", "FamilyCollator", "TOKEN_KEYS"]

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 import mixres
 
 from ..hf.modeling import MixresVisionConfig, MixresVisionModel, register_auto_classes
-from .data import CLIP_MEAN, CLIP_STD
+from .preprocess import CLIP_MEAN, CLIP_STD
 from .recipe import RecipeArguments, RecipeError
 from .tokenizer import IMAGE_TOKEN, build_tokenizer, data_texts
 

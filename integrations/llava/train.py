@@ -46,7 +46,8 @@ import transformers
 from transformers import TrainingArguments
 
 from . import distributed
-from .data import LlavaCollator, LlavaDataset
+from .collator import LlavaCollator
+from .data import LlavaDataset
 from .evaluation import evaluate, predict
 from .families import is_family_directory
 from .model import TINY_LLM, ProcessorImages, build_model, processor_for, set_image_size
